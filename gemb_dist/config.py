@@ -1,0 +1,287 @@
+"""One typed configuration tree for every gemb-dist job, loaded from YAML with dotted overrides.
+
+Each component owns a section (`model`, `loss`, `gradcache`, `optimizer`, `data`, `deepspeed`, `ray`,
+`mlflow`, `train`). Unknown keys and bad values are rejected with an error that names the field path
+and, where there is a closed set, the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending field path."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="Hugging Face hub id or local directory of the backbone (or of a saved gemb model).",
+    )
+    backbone_config: dict[str, Any] | None = Field(
+        None,
+        description="Build a randomly initialised backbone from this transformers config dict (needs `model_type`) "
+        "instead of loading weights; the tokenizer still comes from `tokenizer`.",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer path or hub id; defaults to `name_or_path`.")
+    mrl_dims: list[int] = Field(
+        [768, 1536, 3072],
+        description="Matryoshka prefix sizes, ascending; the projection outputs D = max(mrl_dims).",
+    )
+    attention: Literal["bidirectional", "causal"] = Field(
+        "bidirectional", description="Attention of decoder backbones; encoders are always bidirectional."
+    )
+    max_length: int = Field(512, gt=0, description="Token limit per text; longer texts are truncated and counted.")
+    prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Per-task query templates with a `{text}` placeholder, e.g. "
+        "{'retrieval': 'task: search result | query: {text}'}. Documents never get a prompt.",
+    )
+    default_prompt: str = Field(
+        "{text}", description="Query template for tasks without an entry in `prompts`; must contain `{text}`."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the backbone weights are loaded in.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="transformers attention kernel; None lets transformers choose."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute backbone activations in backward.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if not self.mrl_dims or any(d <= 0 for d in self.mrl_dims):
+            raise ValueError("model.mrl_dims must be a non-empty list of positive integers")
+        if sorted(set(self.mrl_dims)) != self.mrl_dims:
+            raise ValueError(f"model.mrl_dims must be strictly ascending, got {self.mrl_dims}")
+        for name, template in {"default_prompt": self.default_prompt, **self.prompts}.items():
+            if "{text}" not in template:
+                raise ValueError(f"model.prompts[{name!r}] must contain the placeholder '{{text}}': {template!r}")
+        return self
+
+
+class LossConfig(Section):
+    temperature: float = Field(0.05, gt=0, description="Softmax temperature tau over cosine similarities.")
+    mrl_weights: list[float] | None = Field(
+        None, description="Weight of each MRL dim's loss, same length as model.mrl_dims; None = equal weights."
+    )
+    mask_duplicates: bool = Field(
+        True, description="Mask in-batch negatives whose query or positive text equals the row's (paper's mask)."
+    )
+
+
+class GradCacheConfig(Section):
+    enabled: bool = Field(True, description="Two-pass gradient caching; activation memory is set by the chunk.")
+    chunk_size: int = Field(32, gt=0, description="Most texts encoded in one chunk.")
+    chunk_tokens: int | None = Field(
+        None, gt=0, description="Token budget of one chunk (padded length x texts); None = count cap only."
+    )
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to `lr`.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of `lr`.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; None disables clipping.")
+
+
+class DataConfig(Section):
+    shards: str = Field("", description="Shard directory or manifest: local path, file:// or s3://bucket/prefix.")
+    mode: Literal["prefinetune", "finetune"] = Field(
+        "prefinetune", description="prefinetune mixes tasks; finetune draws every global batch from one task."
+    )
+    global_batch_size: int = Field(64, gt=0, description="Queries per optimizer step over all ranks.")
+    num_negatives: int = Field(0, ge=0, description="Hard negatives per query (fine-tuning); 0 = none.")
+    task_weights: dict[str, float] | None = Field(
+        None, description="Fine-tuning task sampling weights; None = proportional to task size."
+    )
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
+    seed: int = Field(0, description="Seed of shard order, shuffling and the task schedule.")
+    shuffle_buffer: int = Field(1000, ge=0, description="In-worker sample shuffle buffer; 0 = shard order only.")
+    max_bad_samples: int = Field(
+        100, ge=0, description="Corrupt or invalid samples tolerated before the run fails naming the shard."
+    )
+    verify_sha256: bool = Field(True, description="Check shard hashes against the manifest before training.")
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (bf16 needs a GPU).")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU.")
+    offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
+    overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
+    reduce_bucket_size: int = Field(50_000_000, gt=0, description="Elements per reduction bucket.")
+    stage3_gather_16bit_weights_on_model_save: bool = Field(
+        False, description="Gather full weights on save (large models: keep False and consolidate offline)."
+    )
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; None = the job's cluster or a local one.")
+    num_workers: int = Field(2, gt=0, description="Training worker processes (ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1}, description="Ray resources each worker reserves."
+    )
+    storage_path: str = Field("runs", description="Run storage: local directory or s3:// URI (shared by all nodes).")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts before the run fails (-1 = unlimited).")
+
+
+class MLflowConfig(Section):
+    tracking_uri: str | None = Field(
+        None, description="Tracking server URI; None = $MLFLOW_TRACKING_URI, else sqlite under the run directory."
+    )
+    experiment: str = Field("gemb-dist", description="MLflow experiment name.")
+    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
+
+
+class FaultInjection(Section):
+    rank: int = Field(1, ge=0, description="Rank that raises.")
+    step: int = Field(..., gt=0, description="Step at which it raises (once per run, on the first attempt).")
+
+
+class TrainConfig(Section):
+    stage: Literal["prefinetune", "finetune"] = Field("prefinetune", description="Training stage.")
+    run_name: str | None = Field(None, description="Run name; None = a unique `<stage>-<timestamp>` name.")
+    resume: bool = Field(False, description="Continue the run named `run_name` from its latest checkpoint.")
+    init_from: str | None = Field(None, description="Fine-tuning: initialise from this gemb model dir.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    epochs: int = Field(1, gt=0, description="Passes over the data (when max_steps is unset or larger).")
+    seed: int = Field(0, description="Seed of model init, dropout and data.")
+    log_every: int = Field(1, gt=0, description="Print progress every N steps.")
+    checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and always at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the newest K).")
+    fault_injection: FaultInjection | None = Field(
+        None, description="Tests and chaos drills: raise on `rank` at `step` of the first attempt."
+    )
+
+
+class GembConfig(Section):
+    """The root of a training job's configuration."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    gradcache: GradCacheConfig = Field(default_factory=GradCacheConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> GembConfig:
+        weights = self.loss.mrl_weights
+        if weights is not None and len(weights) != len(self.model.mrl_dims):
+            raise ValueError(
+                f"loss.mrl_weights has {len(weights)} entries but model.mrl_dims has {len(self.model.mrl_dims)}"
+            )
+        if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+            raise ValueError("loss.mrl_weights must be non-negative with a positive sum")
+        if self.data.global_batch_size % self.ray.num_workers:
+            raise ValueError(
+                f"data.global_batch_size ({self.data.global_batch_size}) must be divisible by "
+                f"ray.num_workers ({self.ray.num_workers})"
+            )
+        if self.deepspeed.precision == "bf16" and not self.ray.use_gpu:
+            raise ValueError("deepspeed.precision=bf16 needs ray.use_gpu=true (CPU training runs in fp32)")
+        return self
+
+
+def _format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, e["loc"][:-1])
+            msg = f"unknown key; allowed keys: {', '.join(allowed)}"
+        lines.append(f"{path}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"{path}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    model: Any = root
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Turn `["loss.temperature=0.02", "ray.num_workers=4"]` into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return nested
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_config(raw: dict[str, Any], overrides: list[str] | None = None, cls: type[BaseModel] = GembConfig):
+    """Validate a raw dict (plus dotted overrides) into `cls`, raising ConfigError naming every bad field."""
+    merged = _deep_merge(raw, parse_overrides(overrides))
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, cls)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, cls: type[BaseModel] = GembConfig):
+    """Load a YAML config file (or defaults when `path` is None) and apply `--set` style overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return build_config(raw, overrides, cls)
+    except ConfigError as err:
+        raise ConfigError(f"{path or '<defaults>'}: {err}") from None
+
+
+def dump_config(config: BaseModel) -> str:
+    """The fully resolved config as YAML (logged with every run)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
