@@ -1,0 +1,331 @@
+"""The embedding model: a Hugging Face backbone, masked mean pooling and a linear projection to D = max(mrl_dims).
+
+A saved model directory holds `model.safetensors` (the backbone's own parameter names plus `projection.weight`
+and `projection.bias`, so the directory also loads as a plain transformers model of the backbone),
+`config.json` (the backbone), `gemb_config.json` (the `ModelConfig`) and the tokenizer files. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from gemb_dist.attention import set_attention
+from gemb_dist.batch import TextBatch
+from gemb_dist.config import ModelConfig
+from gemb_dist.prompts import format_query
+
+WEIGHTS_NAME = "model.safetensors"
+GEMB_CONFIG_NAME = "gemb_config.json"
+BACKBONE_CONFIG_NAME = "config.json"
+PROJECTION_KEYS = ("projection.weight", "projection.bias")
+PROJECTION_FILE = "projection.safetensors"  # the `hf` export layout keeps the projection apart
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def is_gemb_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / GEMB_CONFIG_NAME).is_file()
+
+
+def mean_pool(states_NLH: torch.Tensor, attention_mask_NL: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over real tokens only (mask 1); accumulated in float32. Returns [N, H]."""
+    mask_NL1 = attention_mask_NL.unsqueeze(-1).to(torch.float32)
+    summed_NH = (states_NLH.to(torch.float32) * mask_NL1).sum(dim=1)
+    counts_N1 = mask_NL1.sum(dim=1).clamp(min=1.0)  # an all-padding row pools to zeros instead of NaN
+    return summed_NH / counts_N1
+
+
+def to_right_padding(input_ids_NL: torch.Tensor, attention_mask_NL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move every row's real tokens to the front, keeping their order.
+
+    Backbones derive positions from the token index (absolute embeddings, RoPE), so the same text left-padded
+    would otherwise see shifted positions; normalising the layout makes the pooled result independent of the
+    tokenizer's padding side.
+    """
+    is_pad_NL = attention_mask_NL == 0
+    if not bool((is_pad_NL[:, :-1] & ~is_pad_NL[:, 1:]).any()):  # already right padded
+        return input_ids_NL, attention_mask_NL
+    order_NL = torch.argsort(is_pad_NL.to(torch.int8), dim=1, stable=True)
+    return input_ids_NL.gather(1, order_NL), attention_mask_NL.gather(1, order_NL)
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone -> masked mean pooling -> linear projection to `embedding_dim` = max(config.mrl_dims)."""
+
+    def __init__(self, config: ModelConfig, backbone: PreTrainedModel, tokenizer, projection: nn.Linear | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.embedding_dim = max(config.mrl_dims)
+        hidden = backbone.config.get_text_config().hidden_size
+        if projection is None:
+            projection = nn.Linear(hidden, self.embedding_dim, bias=True, dtype=backbone.dtype)
+        if projection.in_features != hidden or projection.out_features != self.embedding_dim:
+            raise ValueError(
+                f"projection is {projection.in_features}->{projection.out_features} but the backbone hidden size is "
+                f"{hidden} and max(model.mrl_dims) is {self.embedding_dim}"
+            )
+        self.projection = projection
+        self.is_decoder = set_attention(backbone, config.attention)
+        if config.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if tokenizer is not None and tokenizer.pad_token is None:
+            # Decoder tokenizers often lack a pad token; padding is masked out, so any existing token serves.
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> EmbeddingModel:
+        """Build from `config.name_or_path` (local HF dir, saved gemb dir or hub id) or `config.backbone_config`.
+
+        With `backbone_config` the backbone is randomly initialised (seed with `torch.manual_seed` first).
+        Loading a saved gemb dir keeps its stored settings except the fields set explicitly in `config`.
+        """
+        if config.backbone_config is None and is_gemb_dir(config.name_or_path):
+            overrides = {k: getattr(config, k) for k in config.model_fields_set if k != "name_or_path"}
+            return cls.load(config.name_or_path, **overrides)
+        tokenizer = _load_tokenizer(config.tokenizer or config.name_or_path, config.trust_remote_code)
+        common = {"trust_remote_code": config.trust_remote_code}
+        if config.attn_implementation is not None:
+            common["attn_implementation"] = config.attn_implementation
+        if config.backbone_config is not None:
+            backbone_config = dict(config.backbone_config)
+            if "model_type" not in backbone_config:
+                raise ValueError("model.backbone_config needs a 'model_type' (e.g. 'llama', 'bert')")
+            hf_config = AutoConfig.for_model(**backbone_config)
+            backbone = AutoModel.from_config(hf_config, dtype=_DTYPES[config.dtype], **common)
+        else:
+            _check_local_path(config.name_or_path)
+            backbone = AutoModel.from_pretrained(config.name_or_path, dtype=_DTYPES[config.dtype], **common)
+        return cls(config, backbone, tokenizer)
+
+    # ---------------------------------------------------------------- encoding
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings [N, D] of tokenized texts ([N, L] ids and mask, either padding side)."""
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                "must have the same [N, L] shape"
+            )
+        input_ids_NL, attention_mask_NL = to_right_padding(input_ids, attention_mask)
+        states_NLH = self.backbone(input_ids=input_ids_NL, attention_mask=attention_mask_NL).last_hidden_state
+        pooled_NH = mean_pool(states_NLH, attention_mask_NL)
+        return self.projection(pooled_NH.to(self.projection.weight.dtype))
+
+    def encode_batch(self, batch: TextBatch) -> torch.Tensor:
+        device = self.projection.weight.device
+        return self(batch.input_ids.to(device), batch.attention_mask.to(device))
+
+    def tokenize(self, texts: Sequence[str], max_length: int | None = None) -> TextBatch:
+        """Tokenize with truncation to `max_length` (default `config.max_length`) and padding to the longest."""
+        if isinstance(texts, str):
+            raise TypeError("tokenize expects a list of texts, not a single string")
+        encoded = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=max_length or self.config.max_length,
+            return_tensors="pt",
+        )
+        return TextBatch(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+
+    def format_queries(self, texts: Sequence[str], task: str | None = None) -> list[str]:
+        """Apply the task's query template (documents never get one)."""
+        return [format_query(t, task, self.config.prompts, self.config.default_prompt) for t in texts]
+
+    @torch.no_grad()
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        task: str | None = None,
+        is_query: bool = False,
+        dim: int | None = None,
+        batch_size: int = 32,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Embeddings [N, dim] in input order: the first `dim` coordinates, L2-renormalised when `normalize`.
+
+        Texts are encoded in batches sorted by length to cut padding; runs in eval mode and restores the mode.
+        """
+        if isinstance(texts, str):
+            raise TypeError("embed expects a list of texts, not a single string")
+        dim = self.embedding_dim if dim is None else dim
+        if not 1 <= dim <= self.embedding_dim:
+            raise ValueError(
+                f"dim must be in [1, {self.embedding_dim}] (model.mrl_dims={self.config.mrl_dims}), got {dim}"
+            )
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        texts = self.format_queries(texts, task) if is_query else list(texts)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [
+                self.encode_batch(self.tokenize([texts[i] for i in order[s : s + batch_size]]))
+                for s in range(0, len(order), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        device = self.projection.weight.device
+        if not chunks:
+            return torch.empty(0, dim, device=device)
+        sorted_ND = torch.cat(chunks)[:, :dim].float()
+        reps_ND = torch.empty_like(sorted_ND)
+        reps_ND[torch.tensor(order, device=device)] = sorted_ND
+        return F.normalize(reps_ND, dim=-1) if normalize else reps_ND
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the model directory atomically (temp dir beside it, then rename)."""
+        with atomic_dir(path) as tmp:
+            self.write_files(tmp)
+
+    def write_files(self, directory: Path) -> None:
+        """Write the model's files into an existing directory (not atomic; `save` wraps it)."""
+        tensors = _unshared({k: v.detach().cpu() for k, v in self.backbone.state_dict().items()})
+        clash = [k for k in PROJECTION_KEYS if k in tensors]
+        assert not clash, f"backbone parameter names clash with the projection: {clash}"
+        tensors["projection.weight"] = self.projection.weight.detach().cpu().contiguous()
+        tensors["projection.bias"] = self.projection.bias.detach().cpu().contiguous()
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.backbone.config.save_pretrained(str(directory))  # keeps `is_causal`, the attention direction
+        saved_config = self.config.model_copy(update={"name_or_path": ".", "backbone_config": None, "tokenizer": None})
+        (directory / GEMB_CONFIG_NAME).write_text(saved_config.model_dump_json(indent=2) + "\n")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(directory))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, **config_overrides) -> EmbeddingModel:
+        """Load a directory written by `save`; `config_overrides` replace stored `ModelConfig` fields."""
+        directory = Path(path)
+        for name in (GEMB_CONFIG_NAME, BACKBONE_CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise ValueError(f"{directory / name}: missing; not a gemb model directory (written by save())")
+        try:
+            stored = json.loads((directory / GEMB_CONFIG_NAME).read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{directory / GEMB_CONFIG_NAME}: invalid JSON at line {err.lineno}: {err.msg}") from err
+        config = ModelConfig.model_validate({**stored, **config_overrides, "name_or_path": str(directory)})
+        config = config.model_copy(update={"backbone_config": None})
+        tokenizer = _load_tokenizer(str(directory), config.trust_remote_code)
+        kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": _DTYPES[config.dtype]}
+        if config.attn_implementation is not None:
+            kwargs["attn_implementation"] = config.attn_implementation
+        if (directory / PROJECTION_FILE).is_file():  # the `hf` export layout: a plain transformers backbone dir
+            backbone = AutoModel.from_pretrained(str(directory), **kwargs)
+            projection = _load_projection(directory / PROJECTION_FILE, "", backbone.dtype)
+        else:
+            hf_config = AutoConfig.from_pretrained(str(directory), trust_remote_code=config.trust_remote_code)
+            with no_init_weights():  # every tensor is overwritten from the file; skip the costly random init
+                backbone = AutoModel.from_config(hf_config, **kwargs)
+            _load_backbone_state(backbone, directory / WEIGHTS_NAME)
+            projection = _load_projection(directory / WEIGHTS_NAME, "projection.", backbone.dtype)
+        return cls(config, backbone, tokenizer, projection)
+
+    def export_sentence_transformers(self, path: str | os.PathLike) -> None:
+        from gemb_dist.export import export_sentence_transformers
+
+        export_sentence_transformers(self, path)
+
+
+# -------------------------------------------------------------------- helpers
+def _check_local_path(name_or_path: str) -> None:
+    """A path-like name that does not exist is a mistake, not a hub id."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise ValueError(f"model.name_or_path: directory {name_or_path} does not exist")
+    if path.is_dir() and not (path / BACKBONE_CONFIG_NAME).is_file():
+        raise ValueError(
+            f"{path / BACKBONE_CONFIG_NAME}: missing; {name_or_path} is not a Hugging Face model directory"
+        )
+
+
+def _load_tokenizer(name_or_path: str, trust_remote_code: bool):
+    path = Path(name_or_path).expanduser()
+    if name_or_path.startswith((".", "/", "~")) and not path.exists():
+        raise ValueError(f"model.tokenizer: {name_or_path} does not exist")
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors with no shared storage (safetensors refuses aliases, e.g. tied embeddings)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone().contiguous() if key in seen else tensor.contiguous()
+        seen.add(key)
+    return out
+
+
+def _load_backbone_state(backbone: PreTrainedModel, weights: Path) -> None:
+    """Copy the stored backbone tensors into `backbone`, exactly; every parameter and buffer must be present."""
+    expected = backbone.state_dict()
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+        # A tied tensor stored once (e.g. by zero_to_fp32) is filled through the name it shares storage with.
+        stored_storages = {expected[k].untyped_storage().data_ptr() for k in expected if k in keys}
+        missing = sorted(
+            k for k in set(expected) - keys if expected[k].untyped_storage().data_ptr() not in stored_storages
+        )
+        unexpected = sorted(keys - set(expected) - set(PROJECTION_KEYS))
+        if missing or unexpected:
+            raise ValueError(
+                f"{weights}: tensors do not match the backbone described by config.json "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        backbone.load_state_dict({k: f.get_tensor(k) for k in expected if k in keys}, strict=False)
+
+
+def _load_projection(weights: Path, prefix: str, dtype: torch.dtype) -> nn.Linear:
+    with safe_open(str(weights), framework="pt") as f:
+        names = (f"{prefix}weight", f"{prefix}bias")
+        if not set(names) <= set(f.keys()):
+            raise ValueError(f"{weights}: no projection tensors {list(names)}")
+        weight_DH, bias_D = (f.get_tensor(n) for n in names)
+    projection = nn.Linear(weight_DH.shape[1], weight_DH.shape[0], bias=True, dtype=dtype)
+    with torch.no_grad():
+        projection.weight.copy_(weight_DH)
+        projection.bias.copy_(bias_D)
+    return projection
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp dir beside `path`; on success it replaces `path`, on failure it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, target)
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Put `tmp` at `target`; an existing target is moved aside first and removed after the swap."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, old / target.name)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
