@@ -86,6 +86,12 @@ class GradCacheConfig(Section):
     chunk_tokens: int | None = Field(
         None, gt=0, description="Token budget of one chunk (padded length x texts); None = count cap only."
     )
+    loss_block_size: int = Field(
+        256,
+        gt=0,
+        description="Queries scored at once by the cached loss (the largest divisor of the local batch not above "
+        "this); bounds the similarity matrix to block x global batch.",
+    )
 
 
 class OptimizerConfig(Section):
@@ -111,9 +117,17 @@ class DataConfig(Section):
     )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
     seed: int = Field(0, description="Seed of shard order, shuffling and the task schedule.")
-    shuffle_buffer: int = Field(1000, ge=0, description="In-worker sample shuffle buffer; 0 = shard order only.")
+    shuffle_buffer: int = Field(
+        1000,
+        ge=0,
+        description="Samples shuffled together (a block of the seeded shard order; a worker holds about one block "
+        "per task in memory); 0 = shard order only.",
+    )
     max_bad_samples: int = Field(
-        100, ge=0, description="Corrupt or invalid samples tolerated before the run fails naming the shard."
+        100,
+        ge=0,
+        description="Corrupt or invalid samples tolerated per loader worker (each is counted and replaced by "
+        "another sample of its batch) before the run fails naming the shard.",
     )
     verify_sha256: bool = Field(True, description="Check shard hashes against the manifest before training.")
 
@@ -149,6 +163,19 @@ class MLflowConfig(Section):
     log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system metric samples.")
+    retries: int = Field(
+        3, ge=0, description="Retries of a failed MLflow call (exponential backoff) before training goes on without it."
+    )
+    retry_backoff_s: float = Field(
+        1.0,
+        gt=0,
+        description="First retry delay, doubled each retry; while the server stays down, a reconnect is "
+        "tried every retry_backoff_s * 2**retries seconds and metrics are buffered meanwhile.",
+    )
+    request_timeout_s: int = Field(
+        30, gt=0, description="HTTP timeout of one MLflow request ($MLFLOW_HTTP_REQUEST_TIMEOUT wins when set)."
+    )
 
 
 class FaultInjection(Section):

@@ -26,7 +26,10 @@ def test_defaults_round_trip_through_yaml(tmp_path):
     ("override", "expected"),
     [
         ("loss.temperature=0", "loss.temperature"),
-        ("loss.temprature=0.1", "loss.temprature: unknown key; allowed keys: mask_duplicates, mrl_weights, temperature"),
+        (
+            "loss.temprature=0.1",
+            "loss.temprature: unknown key; allowed keys: mask_duplicates, mrl_weights, temperature",
+        ),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("model.attention=sideways", "'bidirectional' or 'causal'"),
         ("optimizer.schedule=step", "'cosine', 'linear' or 'constant'"),

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Start a local Ray head and an MLflow tracking server, both bound to 127.0.0.1 only.
+#
+#   cluster/local/start.sh && source runs/local/env.sh
+#   ray job submit --working-dir . -- python jobs/...
+#   cluster/local/stop.sh             # stops exactly the processes started here
+#
+# State (PID files, logs, the Ray auth token, the MLflow sqlite database and artifacts) lives in $GEMB_LOCAL_DIR
+# (default runs/local). Ports: RAY_PORT (6379), RAY_DASHBOARD_PORT (8265), MLFLOW_PORT (5000); RAY_NUM_CPUS defaults
+# to all cores. Running it again while both servers are up is a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+STATE_DIR=$(mkdir -p "${GEMB_LOCAL_DIR:-runs/local}" && cd "${GEMB_LOCAL_DIR:-runs/local}" && pwd)
+VENV=${VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
+RAY_PORT=${RAY_PORT:-6379}
+RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+RAY_NUM_CPUS=${RAY_NUM_CPUS:-$(nproc)}
+# Jobs run `python ...` from the head's PATH: the project's environment must come first.
+export PATH="$VENV/bin:$PATH"
+PY="$VENV/bin/python"
+[ -x "$PY" ] || { echo "start.sh: no Python environment at $VENV; run 'make venv' first" >&2; exit 2; }
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+port_free() {
+  # SO_REUSEADDR as the servers use it: a port left in TIME_WAIT by an earlier run counts as free.
+  "$PY" -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+
+PROBE='import pathlib, sys, urllib.request
+url, token_file = sys.argv[1:]
+headers = {"Authorization": "Bearer " + pathlib.Path(token_file).read_text().strip()} if token_file else {}
+urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2)'
+
+wait_http() {  # url pidfile logfile name [bearer-token-file]
+  local deadline=$((SECONDS + 180))
+  while [ "$SECONDS" -lt "$deadline" ]; do
+    if "$PY" -c "$PROBE" "$1" "${5:-}" 2>/dev/null; then return 0; fi
+    if ! alive "$2"; then
+      echo "start.sh: $4 exited during start; last lines of $3:" >&2; tail -n 30 "$3" >&2; return 1
+    fi
+    sleep 0.5
+  done
+  echo "start.sh: $4 did not answer $1 within 180 s; see $3" >&2
+  return 1
+}
+
+start_ray() {
+  if alive "$STATE_DIR/ray.pid"; then echo "Ray head already running (pid $(cat "$STATE_DIR/ray.pid"))"; return; fi
+  for port in "$RAY_PORT" "$RAY_DASHBOARD_PORT"; do
+    port_free "$port" || { echo "start.sh: port $port is in use; set RAY_PORT / RAY_DASHBOARD_PORT" >&2; exit 2; }
+  done
+  # Ray's unix sockets live under its temp dir and must stay short: keep it in /tmp, recorded for stop.sh.
+  local ray_tmp
+  ray_tmp=$(mktemp -d /tmp/gemb-ray-XXXXXX)
+  echo "$ray_tmp" > "$STATE_DIR/ray.tmpdir"
+  # RAY_ADDRESS reaches every Ray process: Ray's own helpers that look the cluster up would otherwise fail as
+  # soon as a second Ray instance runs on the machine ("Found multiple active Ray instances").
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
+    RAY_ADDRESS="127.0.0.1:$RAY_PORT" setsid ray start --head --block --disable-usage-stats \
+    --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --include-dashboard=true \
+    --port="$RAY_PORT" --dashboard-port="$RAY_DASHBOARD_PORT" --num-cpus="$RAY_NUM_CPUS" \
+    --temp-dir="$ray_tmp" > "$STATE_DIR/ray.log" 2>&1 < /dev/null &
+  echo $! > "$STATE_DIR/ray.pid"
+}
+
+start_mlflow() {
+  if alive "$STATE_DIR/mlflow.pid"; then echo "MLflow already running (pid $(cat "$STATE_DIR/mlflow.pid"))"; return; fi
+  port_free "$MLFLOW_PORT" || { echo "start.sh: port $MLFLOW_PORT is in use; set MLFLOW_PORT" >&2; exit 2; }
+  mkdir -p "$STATE_DIR/mlflow"
+  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$STATE_DIR/mlflow/mlflow.db" --artifacts-destination "$STATE_DIR/mlflow/artifacts" \
+    > "$STATE_DIR/mlflow.log" 2>&1 < /dev/null &
+  echo $! > "$STATE_DIR/mlflow.pid"
+}
+
+# Ray's job API runs any code it is sent: it requires this cluster's own token (clients: source env.sh).
+TOKEN_FILE="$STATE_DIR/ray_auth_token"
+if [ ! -s "$TOKEN_FILE" ]; then
+  (umask 077 && "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$TOKEN_FILE")
+fi
+
+start_ray
+start_mlflow
+wait_http "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" "$STATE_DIR/ray.pid" "$STATE_DIR/ray.log" "Ray head" \
+  "$TOKEN_FILE" \
+  || { cluster/local/stop.sh; exit 1; }
+wait_http "http://127.0.0.1:$MLFLOW_PORT/health" "$STATE_DIR/mlflow.pid" "$STATE_DIR/mlflow.log" "MLflow server" \
+  || { cluster/local/stop.sh; exit 1; }
+
+cat > "$STATE_DIR/env.sh" <<EOF
+export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN_PATH=$TOKEN_FILE
+export MLFLOW_TRACKING_URI=http://127.0.0.1:$MLFLOW_PORT
+EOF
+cat <<EOF
+Local cluster is up (state in $STATE_DIR):
+  Ray dashboard / job API  http://127.0.0.1:$RAY_DASHBOARD_PORT   (GCS 127.0.0.1:$RAY_PORT, $RAY_NUM_CPUS CPUs)
+  MLflow UI / tracking     http://127.0.0.1:$MLFLOW_PORT
+  source $STATE_DIR/env.sh   # job API address, Ray auth token, MLFLOW_TRACKING_URI for your shell
+  (the dashboard asks for the token in $STATE_DIR/ray_auth_token)
+  cluster/local/stop.sh      # stops both
+EOF

@@ -1,0 +1,301 @@
+"""The MLflow tracker of rank 0: a run with the resolved config, batched metrics, system metrics, artifacts.
+
+Training must outlive the tracking server: every call is retried with exponential backoff, then the tracker
+goes on without the server, buffers metrics and other writes in order, tries to reconnect at a slow pace and
+flushes the buffer once the server answers again. Only a server that is down when the run starts is fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import requests
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+
+from gemb_dist.config import GembConfig, dump_config
+from gemb_dist.train.tracking import flatten_params, is_http_uri, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+MAX_BUFFERED_METRICS = 200_000  # about 40 MB of Metric objects; older points are dropped past this
+UNDELIVERED_FILE = "mlflow_undelivered_metrics.jsonl"
+RESUME_COUNT_TAG = "gemb.resume_count"
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Connection failures, timeouts and 5xx answers are worth retrying; a 4xx is a bug in what we sent."""
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code() >= 500
+    return isinstance(err, (OSError, requests.RequestException))
+
+
+class MlflowTracker:
+    """One MLflow run. Built by `build_tracker` on rank 0 only, after it has checked that the server answers."""
+
+    def __init__(
+        self,
+        config: GembConfig,
+        *,
+        run_dir: Path,
+        run_name: str,
+        tags: Mapping[str, str] | None = None,
+        resume_run_id: str | None = None,
+    ) -> None:
+        cfg = config.mlflow
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tracking_uri = resolve_tracking_uri(config, self.run_dir)
+        self._retry_delays_s = [cfg.retry_backoff_s * 2**i for i in range(cfg.retries)]
+        self._reconnect_every_s = cfg.retry_backoff_s * 2**cfg.retries
+        self._metrics: list[Metric] = []
+        self._ops: deque[tuple[str, Callable[[], None]]] = deque()
+        self._offline_since: float | None = None
+        self._next_reconnect = 0.0
+        self._dropped_metrics = 0
+        self._closed = False
+        self._system_metrics = None
+        self._system_metrics_interval_s = cfg.system_metrics_interval_s
+
+        if is_http_uri(self.tracking_uri):
+            # MLflow's own defaults (7 retries, 120 s timeout) would stall a training step for minutes;
+            # this class retries on its own schedule instead. Explicit environment settings still win.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(cfg.request_timeout_s))
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.experiment_id = self._experiment_id(cfg.experiment)
+        run_tags = {**cfg.tags, **(tags or {})}
+        if resume_run_id:
+            self.run_id = self._reopen_run(resume_run_id, run_tags, config)
+        else:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags).info.run_id
+            self.log_params(config.model_dump(mode="json"))
+            self.log_text(dump_config(config), "config.yaml")
+        if cfg.system_metrics:
+            self._start_system_metrics(resume=bool(resume_run_id))
+        log.info("MLflow run %s at %s", self.run_id, self.run_url)
+
+    # ----- the Tracker interface -----
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        """Record one step's metrics, sent as one batch (the loop calls this every mlflow.log_every steps)."""
+        timestamp_ms = int(time.time() * 1000)
+        points = []
+        for key, value in metrics.items():
+            try:
+                points.append(Metric(key, float(value), timestamp_ms, step))
+            except (TypeError, ValueError):
+                raise TypeError(f"metric {key!r} at step {step} is {type(value).__name__}, not a number") from None
+        self._metrics.extend(points)
+        if len(self._metrics) > MAX_BUFFERED_METRICS:
+            excess = len(self._metrics) - MAX_BUFFERED_METRICS
+            del self._metrics[:excess]
+            self._dropped_metrics += excess
+        self._drain()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Nested dicts are flattened to dotted keys; values are shortened to MLflow's limit."""
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            self._submit(f"{len(chunk)} params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
+
+    def log_text(self, text: str, name: str) -> None:
+        self._submit(f"artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
+
+    def log_artifact(self, path: str | Path, name: str | None = None) -> None:
+        """Log a file or a directory (recursively) under the artifact folder `name` (the root when None)."""
+        path = Path(path)
+        if not path.exists():
+            raise ValueError(f"cannot log artifact {path}: no such file or directory")
+        if path.is_dir():
+            self._submit(f"artifacts {path}", lambda: self.client.log_artifacts(self.run_id, str(path), name))
+        else:
+            self._submit(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), name))
+
+    def log_model_dir(self, path: str | Path) -> None:
+        """The final model directory, under the artifact folder `model`."""
+        self.log_artifact(path, "model")
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            self._submit(f"{len(chunk)} tags", lambda chunk=chunk: self.client.log_batch(self.run_id, tags=chunk))
+
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush everything (with retries), then end the run with `status` (FINISHED, FAILED or KILLED)."""
+        if self._closed:
+            return
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
+        self._closed = True
+        self._stop_system_metrics()
+        self._drain(force=True)
+        if self._metrics or self._ops:
+            self._save_undelivered()
+        try:
+            self._call(lambda: self.client.set_terminated(self.run_id, status), retries=self._retry_delays_s)
+        except Exception as err:
+            if not _is_transient(err):
+                raise
+            log.warning("could not mark MLflow run %s as %s at %s: %s", self.run_id, status, self.tracking_uri, err)
+
+    def __enter__(self) -> MlflowTracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close("FAILED" if exc_type else "FINISHED")
+
+    @property
+    def run_url(self) -> str | None:
+        if not is_http_uri(self.tracking_uri):
+            return None
+        return f"{self.tracking_uri}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    @property
+    def num_buffered_metrics(self) -> int:
+        """Metric points waiting for the server (non-zero only during an outage)."""
+        return len(self._metrics)
+
+    # ----- run setup -----
+
+    def _experiment_id(self, name: str) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        # A local store keeps artifacts beside its database; a server decides its own artifact location.
+        location = None if is_http_uri(self.tracking_uri) else (self.run_dir / "mlartifacts").resolve().as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:  # another run created it first
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise err from None
+            return experiment.experiment_id
+
+    def _reopen_run(self, run_id: str, tags: Mapping[str, str], config: GembConfig) -> str:
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            if _is_transient(err):
+                raise
+            raise ValueError(f"cannot resume MLflow run {run_id!r}: not found at {self.tracking_uri}") from None
+        resumes = int(run.data.tags.get(RESUME_COUNT_TAG, "0")) + 1
+        self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.run_id = run_id
+        self.set_tags({**tags, RESUME_COUNT_TAG: str(resumes)})
+        # MLflow params are write-once: keep the first values, record the new config beside the old one.
+        old = run.data.params
+        new = {k: v for k, v in flatten_params(config.model_dump(mode="json")).items() if k not in old}
+        if new:
+            self.log_params(new)
+        self.log_text(dump_config(config), f"config_resume{resumes}.yaml")
+        return run_id
+
+    def _start_system_metrics(self, resume: bool) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=self._system_metrics_interval_s,
+            resume_logging=resume,
+            tracking_uri=self.tracking_uri,
+        )
+        self._system_metrics.start()
+
+    def _stop_system_metrics(self) -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+            self._system_metrics = None
+
+    # ----- delivery: retries, offline buffering, reconnects -----
+
+    def _submit(self, description: str, op: Callable[[], None]) -> None:
+        if self._closed:
+            raise RuntimeError(f"MLflow tracker of run {self.run_id} is closed; cannot log {description}")
+        self._ops.append((description, op))
+        self._drain()
+
+    def _call(self, op: Callable[[], None], retries: list[float]) -> None:
+        for delay in [*retries, None]:
+            try:
+                op()
+                return
+            except Exception as err:
+                if not _is_transient(err) or delay is None:
+                    raise
+                time.sleep(delay)
+
+    def _drain(self, force: bool = False) -> None:
+        """Send buffered metrics and queued writes in order; on a transient failure go (or stay) offline."""
+        offline = self._offline_since is not None
+        if offline and not force and time.monotonic() < self._next_reconnect:
+            return
+        # Online, each call gets the full retry schedule; offline, one try per reconnect attempt.
+        retries = self._retry_delays_s if (force or not offline) else []
+        try:
+            while self._metrics:
+                chunk = self._metrics[:MAX_METRICS_PER_BATCH]
+                self._call(lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk), retries)
+                del self._metrics[: len(chunk)]
+            while self._ops:
+                _, op = self._ops[0]
+                self._call(op, retries)
+                self._ops.popleft()
+        except Exception as err:
+            if not _is_transient(err):
+                raise
+            self._go_offline(err)
+            return
+        if offline:
+            self._back_online()
+
+    def _go_offline(self, err: BaseException) -> None:
+        self._next_reconnect = time.monotonic() + self._reconnect_every_s
+        if self._offline_since is None:
+            self._offline_since = time.monotonic()
+            log.warning(
+                "MLflow server %s is not answering (%s); training goes on, metrics are buffered and a reconnect "
+                "is tried every %.0f s",
+                self.tracking_uri,
+                err,
+                self._reconnect_every_s,
+            )
+
+    def _back_online(self) -> None:
+        down_s = time.monotonic() - (self._offline_since or time.monotonic())
+        self._offline_since = None
+        log.warning("MLflow server %s is back after %.0f s; buffered metrics were delivered", self.tracking_uri, down_s)
+        thread = getattr(self._system_metrics, "_process", None)
+        if self._system_metrics is not None and (thread is None or not thread.is_alive()):
+            # MLflow's monitor thread ends on its first failed request; start a new one that continues its steps.
+            self._system_metrics = None
+            self._start_system_metrics(resume=True)
+
+    def _save_undelivered(self) -> None:
+        path = self.run_dir / UNDELIVERED_FILE
+        with path.open("a") as f:
+            for m in self._metrics:
+                f.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}) + "\n")
+        lost = [description for description, _ in self._ops]
+        dropped = f"; {self._dropped_metrics} older points were dropped from the full buffer"
+        log.warning(
+            "MLflow server %s did not come back: %d metric points saved to %s; not delivered: %s%s",
+            self.tracking_uri,
+            len(self._metrics),
+            path,
+            ", ".join(lost) or "nothing else",
+            dropped if self._dropped_metrics else "",
+        )
+        self._metrics.clear()
+        self._ops.clear()
