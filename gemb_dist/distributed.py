@@ -1,0 +1,89 @@
+"""Every collective gemb-dist uses, in one place; each is a no-op (or identity) with a single process.
+
+The autograd-aware all-gather is what makes the in-batch loss span the global batch: its backward
+sums, over all ranks, the gradients that flow into this rank's slice (reduce-scatter semantics).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when a default process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _gather_rows(x_BD: torch.Tensor) -> torch.Tensor:
+    """[W*B, ...]: every rank's `x` stacked in rank order. All ranks must pass the same shape."""
+    parts = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x_BD.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_BD: torch.Tensor) -> torch.Tensor:
+        return _gather_rows(x_BD)
+
+    @staticmethod
+    def backward(ctx, grad_GD: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss used every gathered row, so this rank's slice gets the sum of all ranks' grads.
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        num_local = grad_GD.shape[0] // world_size
+        grad_GD = grad_GD.contiguous()
+        if dist.get_backend() == dist.Backend.GLOO:  # gloo has no reduce_scatter
+            dist.all_reduce(grad_GD, op=dist.ReduceOp.SUM)
+            return grad_GD[rank * num_local : (rank + 1) * num_local]
+        grad_BD = torch.empty_like(grad_GD[:num_local])
+        dist.reduce_scatter_tensor(grad_BD, grad_GD, op=dist.ReduceOp.SUM)
+        return grad_BD
+
+
+def all_gather_with_grad(x_BD: torch.Tensor) -> torch.Tensor:
+    """[W*B, D] rows of all ranks in rank order (rank r owns rows r*B:(r+1)*B), differentiable.
+
+    Backward returns, for this rank's rows, the sum of the gradients all ranks computed for them.
+    Every rank must call it with the same shape, and every rank must run the backward.
+    """
+    if not is_distributed() or get_world_size() == 1:
+        return x_BD
+    return _AllGatherWithGrad.apply(x_BD)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of all ranks in rank order, without autograd (e.g. the int64 text keys)."""
+    if not is_distributed() or get_world_size() == 1:
+        return x
+    return _gather_rows(x)
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """A new tensor holding the sum of `x` over ranks (`x` itself is left unchanged)."""
+    out = x.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """A new tensor holding the mean of `x` over ranks; integer tensors are averaged as float64."""
+    out = all_reduce_sum(x if x.is_floating_point() else x.double())
+    return out / get_world_size()
