@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gemb_dist.config import ConfigError, build_config
+from gemb_dist.train.job import load_job_config, parse_args
 from gemb_dist.train.ray_trainer import default_run_name, prepare_run, resolve_storage_path
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -20,6 +21,10 @@ def load_job(name: str):
     return module
 
 
+def job_config(stage: str, *argv: str):
+    return load_job_config(parse_args(list(argv)), stage)
+
+
 @pytest.mark.parametrize("name", ["prefinetune", "finetune"])
 def test_docstring_starts_with_the_submit_command(name):
     doc = load_job(name).__doc__
@@ -28,30 +33,30 @@ def test_docstring_starts_with_the_submit_command(name):
 
 
 def test_finetune_job_refuses_a_prefinetune_config():
-    job = load_job("finetune")
-    args = job.parse_args(["--config", str(JOBS / "configs" / "smoke_cpu.yaml")])
     with pytest.raises(ConfigError, match="train.stage"):
-        job.load_job_config(args)
+        job_config("finetune", "--config", str(JOBS / "configs" / "smoke_cpu.yaml"))
+
+
+def test_finetune_job_refuses_mixed_task_batches():
+    with pytest.raises(ConfigError, match="data.mode"):
+        job_config("finetune", "--config", str(JOBS / "configs" / "smoke_cpu.yaml"), "--set", "train.stage=finetune")
 
 
 def test_finetune_job_accepts_its_config_and_resolves_packaged_models():
-    job = load_job("finetune")
-    config = job.load_job_config(job.parse_args(["--config", str(JOBS / "configs" / "finetune_minilm_cpu.yaml")]))
+    config = job_config("finetune", "--config", str(JOBS / "configs" / "finetune_minilm_cpu.yaml"))
     assert config.train.stage == "finetune" and Path(config.model.name_or_path).is_dir()
 
 
 def test_resume_needs_a_run_name():
-    job = load_job("prefinetune")
-    args = job.parse_args(["--config", str(JOBS / "configs" / "smoke_cpu.yaml"), "--resume"])
     with pytest.raises(ConfigError, match="--run-name"):
-        job.load_job_config(args)
+        job_config("prefinetune", "--config", str(JOBS / "configs" / "smoke_cpu.yaml"), "--resume")
 
 
 def test_bad_override_names_the_field_path():
-    job = load_job("prefinetune")
-    args = job.parse_args(["--config", str(JOBS / "configs" / "smoke_cpu.yaml"), "--set", "gradcache.chunk_size=0"])
     with pytest.raises(ConfigError, match="gradcache.chunk_size"):
-        job.load_job_config(args)
+        job_config(
+            "prefinetune", "--config", str(JOBS / "configs" / "smoke_cpu.yaml"), "--set", "gradcache.chunk_size=0"
+        )
 
 
 def test_default_run_names_are_unique_and_name_the_stage():

@@ -1,0 +1,55 @@
+"""The command line shared by the training jobs (`jobs/prefinetune.py`, `jobs/finetune.py`).
+
+Everything that can be wrong with a submission (config, stage, run name, storage, data, MLflow) is found
+here, on the driver, before any Ray worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gemb_dist.config import ConfigError, GembConfig, dump_config, load_config
+
+
+def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config (gemb_dist.config.GembConfig)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="dotted override")
+    parser.add_argument("--resume", action="store_true", help="continue the run named by --run-name")
+    parser.add_argument("--run-name", help="run name (default: a unique <stage>-<timestamp>-<random>)")
+    return parser.parse_args(argv)
+
+
+def load_job_config(args: argparse.Namespace, stage: str) -> GembConfig:
+    """The validated config of a `stage` job; packaged model references resolved to local paths."""
+    from gemb_dist.train.packaged import resolve_packaged_models
+
+    overrides = list(args.set) + ([f"train.run_name={args.run_name}"] if args.run_name else [])
+    config = load_config(args.config, overrides)
+    if config.train.stage != stage:
+        raise ConfigError(f"{args.config}: train.stage is {config.train.stage!r}; this job runs {stage!r}")
+    if stage == "finetune" and config.data.mode != "finetune":
+        raise ConfigError(
+            f"{args.config}: data.mode is {config.data.mode!r}; fine-tuning draws each global batch "
+            "from one task: set data.mode=finetune"
+        )
+    if args.resume and not config.train.run_name:
+        raise ConfigError("--resume needs --run-name (or train.run_name): the run to continue")
+    return resolve_packaged_models(config)
+
+
+def run_job(stage: str, argv: list[str] | None = None, description: str | None = None) -> int:
+    """Parse, check on the driver, launch the Ray Train run, report where it went. Returns the exit code."""
+    args = parse_args(argv, description)
+    from gemb_dist.train.ray_trainer import launch, prepare_run
+
+    try:
+        run = prepare_run(load_job_config(args, stage), resume=args.resume)
+    except (ValueError, ConnectionError) as err:
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        return 2
+    print(dump_config(run.config), flush=True)
+    result = launch(run)
+    print(f"{stage}: run {result.path} finished; metrics {result.metrics}", flush=True)
+    return 0
