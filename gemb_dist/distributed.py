@@ -28,6 +28,23 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _comm_device(x: torch.Tensor) -> torch.device:
+    """Where a collective can run on `x`: NCCL moves only CUDA tensors, gloo takes CPU ones."""
+    if dist.get_backend() == dist.Backend.NCCL and x.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
+def all_reduce_max_int(value: int) -> int:
+    """The largest `value` over ranks (e.g. how many forward passes every rank must run)."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    t = t.to(_comm_device(t))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _gather_rows(x_BD: torch.Tensor) -> torch.Tensor:
     """[W*B, ...]: every rank's `x` stacked in rank order. All ranks must pass the same shape."""
     parts = [torch.empty_like(x_BD) for _ in range(dist.get_world_size())]
@@ -70,7 +87,7 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Rows of all ranks in rank order, without autograd (e.g. the int64 text keys)."""
     if not is_distributed() or get_world_size() == 1:
         return x
-    return _gather_rows(x)
+    return _gather_rows(x.to(_comm_device(x))).to(x.device)
 
 
 @torch.no_grad()
@@ -78,8 +95,9 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """A new tensor holding the sum of `x` over ranks (`x` itself is left unchanged)."""
     out = x.detach().clone()
     if is_distributed():
+        out = out.to(_comm_device(out))
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(x.device)
 
 
 @torch.no_grad()

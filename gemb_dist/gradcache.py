@@ -29,7 +29,13 @@ from typing import Any
 import torch
 
 from gemb_dist.batch import TextBatch, TrainBatch
-from gemb_dist.distributed import all_gather_no_grad, all_gather_with_grad, get_rank, get_world_size
+from gemb_dist.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_max_int,
+    get_rank,
+    get_world_size,
+)
 from gemb_dist.loss import LossOutput, contrastive_loss
 
 EncodeFn = Callable[[TextBatch], torch.Tensor]  # TextBatch [N, L] -> reps [N, D]
@@ -39,10 +45,17 @@ ContextFactory = Callable[[], contextlib.AbstractContextManager]
 
 @dataclass
 class Chunk:
-    """Texts encoded together: `rows` index the flat list (queries, then positives, then negatives)."""
+    """Texts encoded together: `rows` index the flat list (queries, then positives, then negatives).
+
+    A filler chunk (no rows) only keeps ranks in step: see `_match_chunk_count`.
+    """
 
     rows: torch.Tensor  # [n] int64
     texts: TextBatch  # [n, L_chunk], L_chunk = the longest text of the chunk
+
+    @property
+    def is_filler(self) -> bool:
+        return len(self.rows) == 0
 
     @property
     def num_padded_tokens(self) -> int:
@@ -141,6 +154,25 @@ def _build_chunk(sources: list[TextBatch], layouts: list[tuple[bool, int]], rows
     return Chunk(rows=rows_t, texts=TextBatch(input_ids=ids_NL, attention_mask=mask_NL))
 
 
+def _match_chunk_count(chunks: list[Chunk]) -> list[Chunk]:
+    """Pad with filler chunks so every rank runs the same number of forward and backward passes.
+
+    Under ZeRO-3 each pass gathers the partitioned parameters, a collective every rank must join; ranks
+    whose batches differ in present hard negatives or in text lengths plan different chunk counts. A
+    filler encodes the shortest text again and back-propagates a zero gradient: it changes nothing.
+    """
+    missing = all_reduce_max_int(len(chunks)) - len(chunks)
+    if missing <= 0:
+        return chunks
+    shortest = chunks[-1].texts  # chunks are planned longest first
+    length = max(int(shortest.lengths[-1]), 1)
+    ids, mask = shortest.input_ids[-1:], shortest.attention_mask[-1:]
+    real_cols = mask[0].nonzero().flatten()
+    cols = slice(int(real_cols[0]), int(real_cols[0]) + length) if len(real_cols) else slice(0, 1)
+    filler = Chunk(rows=torch.empty(0, dtype=torch.int64), texts=TextBatch(ids[:, cols], mask[:, cols]))
+    return chunks + [filler] * missing
+
+
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return torch.get_rng_state(), cuda
@@ -218,7 +250,7 @@ class GradCache:
     def cached_step(self, batch: TrainBatch) -> StepOutput:
         """Two-pass step (see the module docstring); activation memory is that of one chunk."""
         _check_batch(batch)
-        chunks = plan_chunks(batch, self.chunk_size, self.chunk_tokens)
+        chunks = _match_chunk_count(plan_chunks(batch, self.chunk_size, self.chunk_tokens))
         start = _now()
         states, chunk_reps = [], []
         with torch.no_grad():
@@ -236,7 +268,10 @@ class GradCache:
             for chunk, state in zip(chunks, states, strict=True):
                 _set_rng_state(state)
                 reps = self.encode(chunk.texts)
-                grad = grad_ND[chunk.rows.to(grad_ND.device)]
+                if chunk.is_filler:
+                    grad = torch.zeros_like(reps, dtype=grad_ND.dtype)
+                else:
+                    grad = grad_ND[chunk.rows.to(grad_ND.device)]
                 self.backward((reps.to(grad.dtype) * grad).sum())
         _set_rng_state(state_after_pass1)  # later steps draw fresh randomness, as without the cache
         return self._output(out, chunks, start, encoded, scored, _now())
@@ -244,21 +279,25 @@ class GradCache:
     def plain_step(self, batch: TrainBatch) -> StepOutput:
         """No cache: encode every chunk with grad, keep all graphs, one backward (memory grows with the batch)."""
         _check_batch(batch)
-        chunks = plan_chunks(batch, self.chunk_size, self.chunk_tokens)
+        chunks = _match_chunk_count(plan_chunks(batch, self.chunk_size, self.chunk_tokens))
         start = _now()
-        reps_ND = self._scatter(batch, chunks, [self.encode(chunk.texts) for chunk in chunks])
+        chunk_reps = [self.encode(chunk.texts) for chunk in chunks]
+        reps_ND = self._scatter(batch, chunks, chunk_reps)
         encoded = _now()
         out = self._loss(batch, reps_ND)
         scored = _now()
-        self.backward(out.loss)
+        # Fillers join the graph with weight 0 so their backward runs (and gathers) on this rank too.
+        fillers = [r.sum() * 0.0 for c, r in zip(chunks, chunk_reps, strict=True) if c.is_filler]
+        self.backward(out.loss + sum(fillers) if fillers else out.loss)
         out.loss = out.loss.detach()
         return self._output(out, chunks, start, encoded, scored, _now())
 
     def _scatter(self, batch: TrainBatch, chunks: list[Chunk], chunk_reps: list[torch.Tensor]) -> torch.Tensor:
         """[N, D] reps in flat order; absent hard negatives stay zero (their logits are masked out)."""
-        reps_nD = torch.cat(chunk_reps)
+        kept = [(c, r) for c, r in zip(chunks, chunk_reps, strict=True) if not c.is_filler]
+        reps_nD = torch.cat([r for _, r in kept])
         reps_nD = reps_nD.to(torch.promote_types(reps_nD.dtype, torch.float32))  # the loss runs in >= fp32
-        rows = torch.cat([c.rows for c in chunks]).to(reps_nD.device)
+        rows = torch.cat([c.rows for c, _ in kept]).to(reps_nD.device)
         num_texts = sum(len(s) for s in _flat_sources(batch))
         return reps_nD.new_zeros(num_texts, reps_nD.shape[1]).index_copy(0, rows, reps_nD)
 
@@ -315,7 +354,7 @@ class GradCache:
     def _gathered_keys(self, batch: TrainBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not self.mask_duplicates:
             return None, None
-        return all_gather_no_grad(batch.query_keys), all_gather_no_grad(batch.positive_keys)
+        return all_gather_no_grad(batch.query_keys), all_gather_no_grad(batch.positive_keys)  # each back on CPU
 
     def _loss(self, batch: TrainBatch, reps_ND: torch.Tensor) -> LossOutput:
         num_local, num_neg = len(batch), batch.num_negatives
@@ -341,8 +380,8 @@ class GradCache:
             encode_seconds=encoded - start,
             loss_seconds=scored - encoded,
             backward_seconds=done - scored,
-            num_real_tokens=int(sum(int(c.texts.attention_mask.sum()) for c in chunks)),
-            num_padded_tokens=sum(c.num_padded_tokens for c in chunks),
+            num_real_tokens=int(sum(int(c.texts.attention_mask.sum()) for c in chunks if not c.is_filler)),
+            num_padded_tokens=sum(c.num_padded_tokens for c in chunks if not c.is_filler),
             num_chunks=len(chunks),
         )
 

@@ -2,7 +2,9 @@
 
 Loss, per-dim metrics and every parameter gradient (averaged over ranks, as DDP/DeepSpeed do) must match
 the single-process reference to 1e-5 relative, with duplicate texts and hard negatives in the batch,
-for the cached step (small chunks) and the plain step.
+for the cached step (small chunks) and the plain step. Every rank must also run the same number of
+forward passes (ZeRO-3 gathers parameters in each), even when ranks hold different numbers of present
+hard negatives.
 """
 
 from __future__ import annotations
@@ -100,12 +102,20 @@ def rank_step(rank: int, world_size: int) -> dict:
     local = local_slice(batch, rank, world_size)
     gathered_keys = distributed.all_gather_no_grad(local.query_keys)
     results = {"keys_ok": bool(torch.equal(gathered_keys, batch.query_keys))}
+    encode_calls = []
+
+    def counting_encode(texts: TextBatch) -> torch.Tensor:
+        encode_calls.append(len(texts))
+        return model.encode_batch(texts)
+
     for mode, chunk_size in (("cached", 3), ("plain", 1000)):
         model.zero_grad(set_to_none=True)
+        encode_calls.clear()
         # Loss blocks of 2 queries: block label offsets must compose with rank offsets.
-        cache = GradCache(model.encode_batch, chunk_size=chunk_size, loss_block_size=2, **LOSS)
+        cache = GradCache(counting_encode, chunk_size=chunk_size, loss_block_size=2, **LOSS)
         out = cache.cached_step(local) if mode == "cached" else cache.plain_step(local)
         results[mode] = {
+            "encode_calls": len(encode_calls),
             "loss": distributed.all_reduce_mean(out.loss.loss).item(),
             "per_dim_loss": {
                 d: distributed.all_reduce_mean(torch.tensor(v)).item() for d, v in out.loss.per_dim_loss.items()
@@ -162,6 +172,9 @@ def test_multi_process_loss_and_gradients_equal_single_process_global_batch():
     assert len(want["grads"]) > 10 and all(g.norm() > 0 for g in want["grads"].values())
     for world_size in (2, 4):
         results = run_workers(rank_step, world_size)
+        for mode in ("cached", "plain"):
+            calls = [got[mode]["encode_calls"] for got in results]
+            assert len(set(calls)) == 1, f"world {world_size} {mode}: forward passes per rank differ: {calls}"
         for rank, got in enumerate(results):
             assert got["keys_ok"], f"world {world_size} rank {rank}: all_gather_no_grad out of rank order"
             for mode in ("cached", "plain"):
