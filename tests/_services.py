@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from gemb_dist.ray_ready import wait_for_job_api
+
 BIN_DIR = Path(sys.executable).parent
 
 
@@ -186,6 +188,7 @@ class RayHead:
         try:
             url = f"{self.dashboard_url}/api/version"
             wait_for_http(url, self.process, log_path, timeout_s, headers=_ray_auth_headers(env))
+            wait_for_job_api(self.dashboard_url, headers=_ray_auth_headers(env), timeout_s=timeout_s)
         except BaseException:
             self.stop()
             raise

@@ -91,6 +91,11 @@ start_mlflow
 wait_http "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" "$STATE_DIR/ray.pid" "$STATE_DIR/ray.log" "Ray head" \
   "$TOKEN_FILE" \
   || { cluster/local/stop.sh; exit 1; }
+# The dashboard answers before the head's job agent registers; a job submitted in between is refused.
+"$PY" -c 'import pathlib, sys; from gemb_dist.ray_ready import wait_for_job_api
+token = pathlib.Path(sys.argv[2]).read_text().strip()
+wait_for_job_api(sys.argv[1], headers={"Authorization": "Bearer " + token})' \
+  "http://127.0.0.1:$RAY_DASHBOARD_PORT" "$TOKEN_FILE" || { cluster/local/stop.sh; exit 1; }
 wait_http "http://127.0.0.1:$MLFLOW_PORT/health" "$STATE_DIR/mlflow.pid" "$STATE_DIR/mlflow.log" "MLflow server" \
   || { cluster/local/stop.sh; exit 1; }
 
