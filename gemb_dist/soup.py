@@ -549,4 +549,23 @@ def log_lineage(config: SoupConfig, lineage: dict[str, Any], tracking_uri: str |
             metrics = {f"score_{n}": s for n, s in enumerate(greedy["individual_scores"])}
             mlflow.log_metrics({**metrics, "soup_score": greedy["soup_score"]})
         mlflow.log_dict(lineage, "soup.json")
+        _log_sentence_transformers_model(Path(config.output_dir) / "sentence_transformers")
         return run.info.run_id
+
+
+def _log_sentence_transformers_model(st_dir: Path):
+    """The soup as an MLflow sentence-transformers model, its prompts and MRL dims in the model metadata.
+
+    Loaders pick a size with `SentenceTransformer(path, truncate_dim=d)`, d one of `metadata["mrl_dims"]`.
+    """
+    if not st_dir.is_dir():
+        return None
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(st_dir), device="cpu")
+    export_info = (
+        json.loads((st_dir / "gemb_export.json").read_text()) if (st_dir / "gemb_export.json").is_file() else {}
+    )
+    metadata = {"mrl_dims": export_info.get("mrl_dims"), "prompts": model.prompts}
+    return mlflow.sentence_transformers.log_model(model, name="sentence_transformers", metadata=metadata)

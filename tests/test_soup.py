@@ -194,6 +194,30 @@ def test_uniform_soup_writes_model_and_sentence_transformers_export(tmp_path):
     )
 
 
+def test_soup_is_logged_as_an_mlflow_sentence_transformers_model_with_its_mrl_dims(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dirs = [tiny_model_dir(tmp_path, f"m{s}", s) for s in range(2)]
+    tracking = {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "soup-model"}
+    config = SoupConfig(
+        ingredients=[{"path": str(d)} for d in dirs], output_dir=str(tmp_path / "soup"), mlflow=tracking
+    )
+    make_soup(config)
+    mlflow.set_tracking_uri(tracking["tracking_uri"])
+    (logged,) = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("soup-model").experiment_id],
+                                           output_format="list")  # fmt: skip
+    assert logged.name == "sentence_transformers"
+    loaded = mlflow.sentence_transformers.load_model(f"models:/{logged.model_id}")
+    model = EmbeddingModel.load(tmp_path / "soup")
+    texts = ["a soup of checkpoints", "averaged weights"]
+    torch.testing.assert_close(
+        torch.from_numpy(loaded.encode(texts, normalize_embeddings=True)), model.embed(texts), atol=1e-5, rtol=0
+    )
+    info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    assert info.metadata["mrl_dims"] == [8, 16]
+
+
 def test_greedy_with_the_held_out_evaluator(tmp_path):
     dirs = [tiny_model_dir(tmp_path, f"m{s}", s) for s in range(2)]
     sts = tmp_path / "sts.csv"
