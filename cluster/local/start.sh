@@ -60,12 +60,23 @@ start_ray() {
   local ray_tmp
   ray_tmp=$(mktemp -d /tmp/gemb-ray-XXXXXX)
   echo "$ray_tmp" > "$STATE_DIR/ray.tmpdir"
+  # Ray's internal ports (node manager, object manager, job agent, ...) default to fixed numbers that another
+  # Ray on the machine (a `ray.init()` in some process) may hold; without its agent the head takes no jobs.
+  local internal
+  internal=$("$PY" -c 'import socket
+socks = [socket.socket() for _ in range(7)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+  read -r p_nm p_om p_client p_agent_grpc p_agent_http p_env_agent p_metrics <<< "$internal"
   # RAY_ADDRESS reaches every Ray process: Ray's own helpers that look the cluster up would otherwise fail as
   # soon as a second Ray instance runs on the machine ("Found multiple active Ray instances").
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
     RAY_ADDRESS="127.0.0.1:$RAY_PORT" setsid ray start --head --block --disable-usage-stats \
     --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 --include-dashboard=true \
     --port="$RAY_PORT" --dashboard-port="$RAY_DASHBOARD_PORT" --num-cpus="$RAY_NUM_CPUS" \
+    --node-manager-port="$p_nm" --object-manager-port="$p_om" --ray-client-server-port="$p_client" \
+    --dashboard-agent-grpc-port="$p_agent_grpc" --dashboard-agent-listen-port="$p_agent_http" \
+    --runtime-env-agent-port="$p_env_agent" --metrics-export-port="$p_metrics" \
     --temp-dir="$ray_tmp" > "$STATE_DIR/ray.log" 2>&1 < /dev/null &
   echo $! > "$STATE_DIR/ray.pid"
 }
