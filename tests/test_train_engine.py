@@ -54,12 +54,17 @@ DELTA_RTOL = 1e-4
 DELTA_FLOOR = 1e-9
 
 
-# (ZeRO stage, gradcache.reduction, optimizer setting) run by the workers. The realistic step only on ZeRO-3 and
-# ZeRO-0 (it cannot see magnitudes); the clipped linear step, the strictest, on every stage and reduction.
+# (ZeRO stage, gradcache.reduction, optimizer setting, gradcache.zero3_pass1) run by the workers. The realistic step
+# only on ZeRO-3 and ZeRO-0 (it cannot see magnitudes); the clipped linear step, the strictest, everywhere else.
 CASES = [
-    *((3, reduction, optimizer) for reduction in ("chunk", "step") for optimizer in OPTIMIZERS),
-    *((stage, reduction, "linear_clipped") for stage in (2, 1) for reduction in ("chunk", "step")),
-    *((0, reduction, optimizer) for reduction in ("chunk", "step") for optimizer in ("adamw", "linear_clipped")),
+    *((3, reduction, optimizer, "per_chunk") for reduction in ("chunk", "step") for optimizer in OPTIMIZERS),
+    *((3, reduction, "linear_clipped", "gather_once") for reduction in ("chunk", "step")),
+    *((stage, reduction, "linear_clipped", "per_chunk") for stage in (2, 1) for reduction in ("chunk", "step")),
+    *(
+        (0, reduction, optimizer, "per_chunk")
+        for reduction in ("chunk", "step")
+        for optimizer in ("adamw", "linear_clipped")
+    ),
 ]
 ABSENT_NEGATIVES = [5, 6, 7]  # rows of rank 1 (rows 4-7) whose hard negative is missing
 
@@ -146,10 +151,9 @@ def _engine_worker(rank: int, world_size: int, model_dir: str) -> dict:
     share = GLOBAL_BATCH // world_size
     batch = make_batch(range(rank * share, (rank + 1) * share))
     results = {"planned_chunks": len(plan_chunks(batch, chunk_size=3))}
-    for stage, reduction, optimizer in CASES:
-        results[stage, reduction, optimizer] = one_engine_step(
-            engine_config(model_dir, stage, optimizer, reduction), batch
-        )
+    for stage, reduction, optimizer, pass1 in CASES:
+        config = engine_config(model_dir, stage, optimizer, reduction, zero3_pass1=pass1)
+        results[stage, reduction, optimizer, pass1] = one_engine_step(config, batch)
     return results
 
 
@@ -241,10 +245,10 @@ def test_two_zero3_ranks_with_gradient_cache_match_single_process_adamw(tmp_path
     per_rank = run_workers(_engine_worker, 2, str(tmp_path / "init"), timeout=600)
     planned = [r["planned_chunks"] for r in per_rank]
     assert planned[0] > planned[1], f"rank 1 must need filler chunks: planned {planned}"
-    for stage, reduction, optimizer in CASES:
+    for stage, reduction, optimizer, pass1 in CASES:
         settings = OPTIMIZERS[optimizer]
-        where = f"ZeRO-{stage}, reduction={reduction}, {optimizer}"
-        results = [r[stage, reduction, optimizer] for r in per_rank]
+        where = f"ZeRO-{stage}, reduction={reduction}, {optimizer}, zero3_pass1={pass1}"
+        results = [r[stage, reduction, optimizer, pass1] for r in per_rank]
         assert all(r["step"] == 1 for r in results), f"{where}: one optimizer step per global batch"
         assert results[0]["lr"] == pytest.approx(settings["lr"]), where
         mean_loss = sum(r["loss"] for r in results) / len(results)
