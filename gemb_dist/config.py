@@ -89,8 +89,8 @@ class GradCacheConfig(Section):
     loss_block_size: int = Field(
         256,
         gt=0,
-        description="Queries scored at once by the cached loss (the largest divisor of the local batch not above "
-        "this); bounds the similarity matrix to block x global batch.",
+        description="Queries scored at once by the cached loss (the last block of a rank's queries may be "
+        "shorter); bounds the similarity matrix to block x global batch.",
     )
     reduction: Literal["step", "chunk"] = Field(
         "chunk",

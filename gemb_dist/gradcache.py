@@ -317,11 +317,11 @@ class GradCache:
         """The loss and d loss / d reps, scoring `loss_block_size` queries at a time.
 
         Each block's similarity matrix is `[block, B_global]`, so memory does not grow with B_local^2.
-        A block of b queries starting at local row s is scored as "rank (rank*B_local + s) / b of
-        B_global / b", which offsets its labels to exactly its rows; block losses are weighted by b / B_local.
+        A block of b queries starting at local row s owns the positives from global row rank*B_local + s
+        (its explicit label offset); block losses are weighted by b / B_local (the last block may be shorter).
         """
         num_local, num_neg = len(batch), batch.num_negatives
-        block = max(b for b in range(1, min(num_local, self.loss_block_size) + 1) if num_local % b == 0)
+        block = min(num_local, self.loss_block_size)
         rank = get_rank()
         q_BD = reps_ND[:num_local].clone().requires_grad_()
         pos_BD = reps_ND[num_local : 2 * num_local].clone().requires_grad_()
@@ -337,19 +337,18 @@ class GradCache:
             )
         total, per_dim_loss, per_dim_acc = 0.0, {}, {}
         for start in range(0, num_local, block):
-            rows = slice(start, start + block)
+            rows = slice(start, min(start + block, num_local))
             out = contrastive_loss(
                 q_BD[rows],
                 pos_leaf_GD,
                 neg_BKD[rows] if num_neg else None,
                 q_keys=keys[0],
                 pos_keys=keys[1],
-                rank=(rank * num_local + start) // block,
-                world_size=num_global // block,
+                label_offset=rank * num_local + start,
                 neg_mask=batch.negatives_mask[rows] if num_neg and batch.negatives_mask is not None else None,
                 **self.loss_kwargs,
             )
-            share = block / num_local
+            share = (rows.stop - rows.start) / num_local
             (out.loss * share).backward()
             total += out.loss.item() * share
             for d in out.per_dim_loss:

@@ -3,7 +3,8 @@
 Each rank scores its own queries against the positives of the whole global batch (and its own hard
 negatives), so the similarity matrix per rank is `B_local x B_global`. Nothing here talks to other
 processes: the caller gathers the positives (`gemb_dist.distributed.all_gather_with_grad`) and passes
-its `rank` so that the labels are offset to the rows this rank owns.
+its `rank` so that the labels are offset to the rows this rank owns, or (scoring a block of its queries)
+the `label_offset` of the block's first positive row.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def contrastive_loss(
     rank: int = 0,
     world_size: int = 1,
     neg_mask: torch.Tensor | None = None,
+    label_offset: int | None = None,
 ) -> LossOutput:
     """NCE over cosine similarities / `temperature`, averaged over this rank's queries, for each MRL prefix.
 
@@ -51,12 +53,15 @@ def contrastive_loss(
     query `i`'s (None = no duplicates). Each prefix `E[:, :d]` is re-normalised before the cosine.
     The total is `sum_d w_d L_d / sum_d w_d`; accuracy counts a query as right when its positive
     scores strictly above every unmasked in-batch candidate and every present hard negative.
+    `label_offset` (instead of `rank`/`world_size`): query `i`'s positive is row `label_offset + i` of
+    `pos`, which may hold any number of rows (a block of a rank's queries against the global batch).
     """
     dims, weights = _check_inputs(
-        q, pos, neg, temperature, mrl_dims, mrl_weights, q_keys, pos_keys, rank, world_size, neg_mask
+        q, pos, neg, temperature, mrl_dims, mrl_weights, q_keys, pos_keys, rank, world_size, neg_mask, label_offset
     )
     num_local = q.shape[0]
-    labels_B = torch.arange(num_local, device=q.device) + rank * num_local  # rows of `pos` this rank owns
+    offset = rank * num_local if label_offset is None else label_offset
+    labels_B = torch.arange(num_local, device=q.device) + offset  # the rows of `pos` these queries own
 
     cos_MBG, cos_neg_MBK = _prefix_cosines(q, pos, neg, dims)
     logits_MBG = cos_MBG / temperature
@@ -142,7 +147,9 @@ def _duplicate_mask(
     return blocked_BG
 
 
-def _check_inputs(q, pos, neg, temperature, mrl_dims, mrl_weights, q_keys, pos_keys, rank, world_size, neg_mask):
+def _check_inputs(
+    q, pos, neg, temperature, mrl_dims, mrl_weights, q_keys, pos_keys, rank, world_size, neg_mask, label_offset=None
+):
     """Reject inputs that would give a wrong or NaN loss; returns (dims, weights) as plain lists."""
     if not isinstance(q, torch.Tensor) or q.dim() != 2:
         raise ValueError(f"contrastive_loss: q must be a [B_local, D] tensor, got {_shape(q)}")
@@ -151,9 +158,17 @@ def _check_inputs(q, pos, neg, temperature, mrl_dims, mrl_weights, q_keys, pos_k
         raise ValueError(f"contrastive_loss: empty batch, q has shape {tuple(q.shape)}")
     if not isinstance(pos, torch.Tensor) or pos.dim() != 2 or pos.shape[1] != width:
         raise ValueError(f"contrastive_loss: pos must be [B_global, {width}] like q's width, got {_shape(pos)}")
-    if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
+    if label_offset is not None:
+        if (rank, world_size) != (0, 1):
+            raise ValueError("contrastive_loss: pass either label_offset or rank/world_size, not both")
+        if not isinstance(label_offset, int) or not 0 <= label_offset <= pos.shape[0] - num_local:
+            raise ValueError(
+                f"contrastive_loss: label_offset must be in [0, {pos.shape[0] - num_local}] so that the {num_local} "
+                f"queries' positives are rows of pos ({pos.shape[0]} rows), got {label_offset!r}"
+            )
+    elif not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"contrastive_loss: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if pos.shape[0] != world_size * num_local:
+    elif pos.shape[0] != world_size * num_local:
         raise ValueError(
             f"contrastive_loss: pos has {pos.shape[0]} rows but world_size * B_local = {world_size} * {num_local} "
             f"= {world_size * num_local}; every rank must contribute the same number of queries"

@@ -111,8 +111,8 @@ def rank_step(rank: int, world_size: int) -> dict:
     for mode, chunk_size in (("cached", 3), ("plain", 1000)):
         model.zero_grad(set_to_none=True)
         encode_calls.clear()
-        # Loss blocks of 2 queries: block label offsets must compose with rank offsets.
-        cache = GradCache(counting_encode, chunk_size=chunk_size, loss_block_size=2, **LOSS)
+        # Loss blocks of 3 queries (uneven: 3 + 1 with 4 per rank): block label offsets compose with rank offsets.
+        cache = GradCache(counting_encode, chunk_size=chunk_size, loss_block_size=3, **LOSS)
         out = cache.cached_step(local) if mode == "cached" else cache.plain_step(local)
         results[mode] = {
             "encode_calls": len(encode_calls),

@@ -96,7 +96,8 @@ def assert_grads_close(got, want, label):
 
 
 @pytest.mark.parametrize(
-    "chunk_size, chunk_tokens, loss_block_size", [(1, None, 4), (3, None, 2), (1000, None, 1000), (1000, 60, 1)]
+    "chunk_size, chunk_tokens, loss_block_size",
+    [(1, None, 4), (3, None, 2), (1000, None, 1000), (1000, 60, 1), (2, None, 5)],
 )
 def test_cached_step_with_dropout_equals_uncached_reference(model, chunk_size, chunk_tokens, loss_block_size):
     model.train()

@@ -176,3 +176,20 @@ def test_bad_input_raises_value_error(message):
     kwargs = {**base, **cases[message]}
     with pytest.raises(ValueError, match=message.strip()):
         contrastive_loss(kwargs.pop("q"), kwargs.pop("pos"), kwargs.pop("neg"), **kwargs)
+
+
+def test_label_offset_scores_blocks_of_queries_like_the_rows_of_the_whole_batch():
+    # Rank 1 of 3 holds 4 queries (global rows 4-7); uneven blocks [0], [1, 2], [3] carry explicit label offsets.
+    q, pos, neg, neg_mask, q_keys, pos_keys = make_inputs()
+    kwargs = dict(temperature=0.07, mrl_dims=[8, 16], mrl_weights=[1.0, 2.0], q_keys=q_keys, pos_keys=pos_keys)
+    total = 0.0
+    for start, stop in ((0, 1), (1, 3), (3, 4)):
+        rows = slice(start, stop)
+        out = contrastive_loss(q[rows], pos, neg[rows], neg_mask=neg_mask[rows], label_offset=4 + start, **kwargs)
+        total += out.loss.item() * (stop - start) / 4
+    ref, _, _ = naive_loss(q, pos, neg, rank=1, neg_mask=neg_mask, **kwargs)
+    assert total == pytest.approx(ref.item(), rel=1e-10)
+    with pytest.raises(ValueError, match="label_offset"):
+        contrastive_loss(q[:2], pos, label_offset=11, **kwargs)  # rows 11-12, but pos has 12 rows
+    with pytest.raises(ValueError, match="either label_offset or rank"):
+        contrastive_loss(q[:2], pos, label_offset=0, rank=1, world_size=3, **kwargs)
