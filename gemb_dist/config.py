@@ -92,6 +92,22 @@ class GradCacheConfig(Section):
         description="Queries scored at once by the cached loss (the largest divisor of the local batch not above "
         "this); bounds the similarity matrix to block x global batch.",
     )
+    reduction: Literal["step", "chunk"] = Field(
+        "chunk",
+        description="When gradients are reduced across ranks under ZeRO. `chunk`: DeepSpeed's gradient "
+        "accumulation, every chunk's backward is a micro-step; ZeRO-2/3 reduce-scatter each chunk's gradient and "
+        "accumulate it in fp32 partitions (gradient memory / world size); ZeRO-0/1 accumulate whole gradients and "
+        "reduce once at the step's last chunk. `step`: one coalesced reduction per step, so every rank holds a "
+        "full-size gradient until the flush (least communication; refused with bf16, whose coalesced gradients "
+        "would accumulate in bf16).",
+    )
+    zero3_pass1: Literal["per_chunk", "gather_once"] = Field(
+        "per_chunk",
+        description="ZeRO-3 parameter gathers of pass 1 (the no-grad encode). `per_chunk`: DeepSpeed gathers "
+        "each layer for every chunk. `gather_once`: the whole model is gathered once and held for all of pass 1 "
+        "(needs the full model's parameters to fit on one device next to one chunk's activations: the engine "
+        "refuses it at start-up when they do not; not with deepspeed.offload_params).",
+    )
 
 
 class OptimizerConfig(Section):
@@ -134,13 +150,35 @@ class DataConfig(Section):
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (bf16 needs a GPU).")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="Compute and parameter dtype; gradients accumulate, and the loss and rep gradients are computed, "
+        "in fp32 either way (DeepSpeed's CPU accelerator runs bf16 too, slowly).",
+    )
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU.")
     offload_params: bool = Field(False, description="ZeRO-3 parameter offload to CPU.")
     overlap_comm: bool = Field(True, description="Overlap gradient reduction with backward.")
     reduce_bucket_size: int = Field(50_000_000, gt=0, description="Elements per reduction bucket.")
     stage3_gather_16bit_weights_on_model_save: bool = Field(
         False, description="Gather full weights on save (large models: keep False and consolidate offline)."
+    )
+    stage3_param_persistence_threshold: int = Field(
+        100_000,
+        ge=0,
+        description="ZeRO-3: parameters with fewer elements stay gathered on every rank (never re-gathered per "
+        "chunk); DeepSpeed's default.",
+    )
+    stage3_max_live_parameters: int = Field(
+        1_000_000_000, ge=0, description="ZeRO-3: most gathered parameter elements held at once; DeepSpeed's default."
+    )
+    stage3_max_reuse_distance: int = Field(
+        1_000_000_000,
+        ge=0,
+        description="ZeRO-3: a gathered parameter needed again within this many elements of other gathers is kept, "
+        "not released and re-gathered; DeepSpeed's default.",
+    )
+    stage3_prefetch_bucket_size: int = Field(
+        50_000_000, ge=0, description="ZeRO-3: parameter elements prefetched ahead of use; DeepSpeed's default."
     )
 
 
@@ -226,9 +264,46 @@ class GembConfig(Section):
                 f"data.global_batch_size ({self.data.global_batch_size}) must be divisible by "
                 f"ray.num_workers ({self.ray.num_workers})"
             )
-        if self.deepspeed.precision == "bf16" and not self.ray.use_gpu:
-            raise ValueError("deepspeed.precision=bf16 needs ray.use_gpu=true (CPU training runs in fp32)")
+        _check_engine_combination(self.deepspeed, self.gradcache)
         return self
+
+
+def _check_engine_combination(ds: DeepSpeedConfig, gc: GradCacheConfig) -> None:
+    """Refuse what DeepSpeed 0.19 cannot run (or would run with gradients accumulated in bf16), naming the fields."""
+    stage = ds.zero_stage
+    if ds.offload_params and stage != 3:
+        raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3, got deepspeed.zero_stage={stage}")
+    if ds.offload_optimizer and stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1, got deepspeed.zero_stage=0")
+    if gc.zero3_pass1 == "gather_once" and stage != 3:
+        raise ValueError(
+            f"gradcache.zero3_pass1=gather_once needs deepspeed.zero_stage=3 (got {stage}): only ZeRO-3 partitions "
+            "parameters; use gradcache.zero3_pass1=per_chunk"
+        )
+    if gc.zero3_pass1 == "gather_once" and ds.offload_params:
+        raise ValueError(
+            "gradcache.zero3_pass1=gather_once cannot be combined with deepspeed.offload_params=true: offloaded "
+            "parameters are the ones that do not fit on the device whole"
+        )
+    if ds.precision != "bf16":
+        return
+    if stage == 0:
+        raise ValueError(
+            "deepspeed.precision=bf16 needs deepspeed.zero_stage >= 1: DeepSpeed accumulates bf16 gradients in fp32 "
+            "only inside a ZeRO optimizer (stage 0 with fp32 gradient accumulation is not implemented)"
+        )
+    if gc.reduction == "step" and stage == 1 and not ds.offload_optimizer:
+        raise ValueError(
+            "gradcache.reduction=step with deepspeed.zero_stage=1 and deepspeed.precision=bf16 is not supported: "
+            "DeepSpeed runs this combination with its BF16_Optimizer, which coalesced reduction rejects; use "
+            "gradcache.reduction=chunk"
+        )
+    if gc.reduction == "step":
+        raise ValueError(
+            "gradcache.reduction=step with deepspeed.precision=bf16 is refused: the coalesced reduction leaves every "
+            "chunk's gradient in the bf16 param.grad until the flush, so gradients would accumulate in bf16; use "
+            "gradcache.reduction=chunk (fp32 accumulation)"
+        )
 
 
 def _format_validation_error(err: ValidationError, root: type[BaseModel]) -> str:

@@ -105,3 +105,30 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """A new tensor holding the mean of `x` over ranks; integer tensors are averaged as float64."""
     out = all_reduce_sum(x if x.is_floating_point() else x.double())
     return out / get_world_size()
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or Inf in the reps, the loss or the gradient; raised on every rank alike."""
+
+
+@torch.no_grad()
+def flagged_ranks(flag: bool) -> list[int]:
+    """The ranks whose `flag` is True (every rank gets the same list; one all-reduce)."""
+    if not is_distributed():
+        return [0] if flag else []
+    flags = torch.zeros(get_world_size(), dtype=torch.int32)
+    flags[get_rank()] = int(flag)
+    flags = flags.to(_comm_device(flags))
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    return flags.nonzero().flatten().tolist()
+
+
+def raise_if_any_rank(bad: bool, what: str) -> None:
+    """Raise the same `NonFiniteError` on every rank when `bad` holds on any rank.
+
+    Every rank must call it at the same point: a rank that raised alone would leave the others waiting in the
+    next collective until its timeout.
+    """
+    ranks = flagged_ranks(bad)
+    if ranks:
+        raise NonFiniteError(f"non-finite {what} on rank {', '.join(map(str, ranks))} of {get_world_size()}")

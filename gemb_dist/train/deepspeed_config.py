@@ -1,8 +1,10 @@
 """The DeepSpeed JSON of a run, generated from the typed config (never edited by hand or patched at run time).
 
 One call of the gradient cache is one optimizer step: the cache drives every backward of a global batch itself,
-so DeepSpeed sees `gradient_accumulation_steps = 1` (no 1/GAS loss scaling, every step a boundary) and the engine
-coalesces the per-chunk backward calls into one gradient reduction (see `gemb_dist.train.engine`).
+so DeepSpeed sees `gradient_accumulation_steps = 1` (no 1/GAS loss scaling) and the engine marks the micro-step
+boundaries itself: every chunk's backward is a micro-step, the last one a boundary (`gradcache.reduction=chunk`),
+or all of them are coalesced into one reduction (`step`); see `gemb_dist.train.engine`. Gradients accumulate in
+fp32 (`data_types.grad_accum_dtype`) whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -27,11 +29,7 @@ def build_deepspeed_config(config: GembConfig, world_size: int) -> dict[str, Any
         raise ValueError(
             f"data.global_batch_size ({global_batch}) must be divisible by the number of ranks ({world_size})"
         )
-    ds = config.deepspeed
-    if ds.offload_params and ds.zero_stage != 3:
-        raise ValueError(f"deepspeed.offload_params needs deepspeed.zero_stage=3, got {ds.zero_stage}")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    ds = config.deepspeed  # combinations DeepSpeed cannot run were refused when the config loaded
     return {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": global_batch // world_size,
@@ -39,6 +37,8 @@ def build_deepspeed_config(config: GembConfig, world_size: int) -> dict[str, Any
         "gradient_clipping": config.optimizer.grad_clip or 0.0,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": False},
+        # bf16 chunks summed in a bf16 gradient lose their low bits; ZeRO keeps fp32 accumulation buffers instead.
+        "data_types": {"grad_accum_dtype": "fp32"},
         "zero_optimization": _zero_section(config),
         # The client optimizer is a plain torch AdamW (no JIT-compiled ops); ZeRO accepts it only when told to.
         "zero_allow_untested_optimizer": True,
@@ -64,7 +64,10 @@ def _zero_section(config: GembConfig) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": config.ray.use_gpu}
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = ds.stage3_gather_16bit_weights_on_model_save
-        zero["stage3_prefetch_bucket_size"] = ds.reduce_bucket_size
+        zero["stage3_prefetch_bucket_size"] = ds.stage3_prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = ds.stage3_param_persistence_threshold
+        zero["stage3_max_live_parameters"] = ds.stage3_max_live_parameters
+        zero["stage3_max_reuse_distance"] = ds.stage3_max_reuse_distance
         if ds.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": config.ray.use_gpu}
     return zero

@@ -1,9 +1,11 @@
 """The training engine, picked once: an EmbeddingModel inside DeepSpeed (ZeRO 0-3) with a torch AdamW.
 
 `train_step` runs the gradient cache over one rank's share of the global batch with the engine's own
-`backward`, coalesces every chunk's backward into one gradient reduction, and takes ONE optimizer step.
-Because DeepSpeed averages gradients over ranks and each rank's loss is the mean over its own queries
-(scored against the gathered global batch), the update equals one process training on the whole batch.
+`backward`, reduces the chunks' gradients as `gradcache.reduction` says (DeepSpeed micro-steps, the last chunk
+the accumulation boundary; or one coalesced reduction) and takes ONE optimizer step. Because DeepSpeed averages
+gradients over ranks and each rank's loss is the mean over its own queries (scored against the gathered global
+batch), the update equals one process training on the whole batch. A non-finite rep, loss or gradient on any
+rank stops every rank with the same `NonFiniteError`, naming the step and the ranks that saw it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from gemb_dist.batch import TextBatch, TrainBatch
 from gemb_dist.config import GembConfig
+from gemb_dist.distributed import NonFiniteError, get_rank, raise_if_any_rank
 from gemb_dist.gradcache import GradCache
 from gemb_dist.model import EmbeddingModel, is_gemb_dir
 from gemb_dist.train.deepspeed_config import build_deepspeed_config
@@ -65,6 +68,33 @@ def load_model(config: GembConfig, world_size: int) -> LoadedModel:
     return LoadedModel(EmbeddingModel.from_config(model_config), zero3_init_config)
 
 
+# Any id no DeepSpeed module has (theirs count up from 0): marks parameters held gathered for pass 1.
+_PASS1_HOLDER = -1
+# Fraction of free device memory the whole gathered model may take for `gather_once`; the rest is for one chunk's
+# no-grad activations and everything ZeRO-3 already holds (partitions, optimizer state).
+_GATHER_ONCE_MAX_FRACTION = 0.5
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of `rank`'s dropout after the identical init: distinct per rank and per run seed."""
+    return (seed * 1_000_003 + rank + 1) % 2**63
+
+
+def _check_full_model_fits(module: torch.nn.Module, device: torch.device) -> None:
+    """Refuse `gather_once` when the whole model would take more than half the memory left on the device."""
+    full_bytes = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters())
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:  # host memory not in use (Linux)
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if full_bytes > _GATHER_ONCE_MAX_FRACTION * free:
+        raise ValueError(
+            f"gradcache.zero3_pass1=gather_once: the whole model takes {full_bytes / 2**30:.1f} GiB gathered, more "
+            f"than {_GATHER_ONCE_MAX_FRACTION:.0%} of the {free / 2**30:.1f} GiB free on {device}; use "
+            "gradcache.zero3_pass1=per_chunk"
+        )
+
+
 @dataclass
 class StepMetrics:
     """What one optimizer step measured on this rank (the loop reduces and logs them)."""
@@ -104,16 +134,30 @@ class TrainEngine:
             config=self.ds_config,
         )
         self.device = self.engine.device
+        self.reduction = config.gradcache.reduction
+        if config.gradcache.zero3_pass1 == "gather_once":
+            _check_full_model_fits(self.engine.module, self.device)
         self.grad_cache = GradCache.from_config(
-            config, self._encode, backward=self._backward, backward_context=self._one_reduction
+            config,
+            self._encode,
+            backward=self._backward,
+            backward_context=self._one_reduction if self.reduction == "step" else None,
+            pass1_context=self._gather_once if config.gradcache.zero3_pass1 == "gather_once" else None,
         )
+        # Identical init above; from here on each rank draws its own dropout masks (and the cache replays them).
+        torch.manual_seed(rank_seed(config.train.seed, get_rank()))
 
     # ---------------------------------------------------------------- one optimizer step
     def train_step(self, batch: TrainBatch) -> StepMetrics:
         """Gradient-cached forward/backward over `batch` (this rank's share) and one optimizer step."""
         self.engine.train()
         lr = self.current_lr()  # the lr this step applies (the scheduler advances inside engine.step)
-        out = self.grad_cache.step(batch)
+        step = self.global_step + 1
+        try:
+            out = self.grad_cache.step(batch)
+            raise_if_any_rank(not self._local_grads_finite(), "gradient")
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {step}: {err}") from None
         start = time.perf_counter()
         grad_norm = self._grad_norm_before_step()
         self.engine.step()
@@ -139,12 +183,17 @@ class TrainEngine:
         # Through the engine, not the bare module: DeepSpeed's forward hooks gather ZeRO-3 partitions.
         return self.engine(texts.input_ids.to(self.device), texts.attention_mask.to(self.device))
 
-    def _backward(self, surrogate_loss: torch.Tensor) -> None:
-        self.engine.backward(surrogate_loss)
+    def _backward(self, surrogate_loss: torch.Tensor, last: bool) -> None:
+        if self.reduction == "chunk":
+            # Each chunk is a DeepSpeed micro-step: ZeRO-2/3 reduce-scatter it and add it to the fp32 partition;
+            # ZeRO-0/1 accumulate locally and reduce at the boundary, the step's last chunk.
+            self.engine.set_gradient_accumulation_boundary(last)
+        # gradient_accumulation_steps is 1 and each chunk's surrogate already carries its share of the loss.
+        self.engine.backward(surrogate_loss, scale_wrt_gas=False)
 
     @contextlib.contextmanager
     def _one_reduction(self) -> Iterator[None]:
-        """Wraps every backward of a step so gradients are reduced across ranks once, after the last chunk."""
+        """`reduction=step`: wraps every backward of a step so gradients are reduced once, after the last chunk."""
         if self.engine.zero_optimization_stage() == 0:
             # Plain data parallel: no ZeRO reducer to coalesce; skip the per-backward all-reduce, then do one.
             with self.engine.no_sync():
@@ -153,6 +202,35 @@ class TrainEngine:
         else:
             with self.engine.coalesce_grad_reduction():
                 yield
+
+    @contextlib.contextmanager
+    def _gather_once(self) -> Iterator[None]:
+        """`zero3_pass1=gather_once`: one all-gather of every ZeRO-3 partition for all of pass 1's chunks."""
+        import deepspeed
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            # DeepSpeed's hooks re-partition a layer's parameters after its forward unless some module is still
+            # using them; a holder that no module's hook removes keeps them whole until pass 1 ends.
+            for p in params:
+                p.ds_active_sub_modules.add(_PASS1_HOLDER)
+            try:
+                yield
+            finally:
+                for p in params:
+                    p.ds_active_sub_modules.discard(_PASS1_HOLDER)
+
+    def _local_grads_finite(self) -> bool:
+        """Whether the gradient this rank holds (its ZeRO partition, or the whole gradient) is finite."""
+        averaged = getattr(self.optimizer, "averaged_gradients", None)  # ZeRO 1-3 partitions, before the step
+        if self.engine.zero_optimization_stage() and isinstance(averaged, dict | list) and len(averaged):
+            groups = averaged.values() if isinstance(averaged, dict) else averaged
+            grads = [g for group in groups if group is not None for g in group if g is not None]
+        else:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads])).all())
 
     def _grad_norm_before_step(self) -> float | None:
         """ZeRO optimizers compute the global norm inside `step`; without ZeRO the grads are whole here."""
