@@ -269,7 +269,10 @@ def estimate_memory(shape: ModelShape, knobs: Knobs) -> Memory:
     else:
         grads_pass2 = grad_partition
     resident_grads = grad_partition if stage == 3 else 0.0  # ZeRO-3 keeps its flat partition buffer allocated
-    buffers = knobs.reduce_bucket_size * e * (2 if knobs.overlap_comm else 1) if sharded else 0.0
+    # ZeRO-3 keeps one contiguous bucket, ZeRO-1/2 a second one under overlap_comm; a bucket never fills past the
+    # model (on CPU, untouched pages of a larger one never count).
+    num_buckets = 1 if stage == 3 or not knobs.overlap_comm else 2
+    buffers = min(knobs.reduce_bucket_size, p) * e * num_buckets if sharded else 0.0
 
     if stage == 3:
         prefetch = shape.largest_module_numel + knobs.prefetch_bucket_size

