@@ -53,7 +53,9 @@ def _refusal(config: GembConfig, mode: str) -> str | None:
     try:
         build_config(config.model_dump(mode="json"), [f"gradcache.reduction={mode}"])
     except ConfigError as err:
-        return str(err).removeprefix("invalid configuration:\n  ")
+        # "invalid configuration:\n  <root>: Value error, WHY (got {the whole config})": keep WHY.
+        message = str(err).removeprefix("invalid configuration:\n  ").removeprefix("<root>: Value error, ")
+        return message.split(" (got {")[0]
     return None
 
 
