@@ -258,8 +258,13 @@ def estimate_memory(shape: ModelShape, knobs: Knobs) -> Memory:
     params = (p - persistent) / w * e + persistent * e if stage == 3 else p * e
     if knobs.offload_params:
         params = persistent * e
-    optimizer_per_param = ADAM_STATE_BYTES + (FP32_MASTER_BYTES if e == 2 else 0)
+    # ZeRO-1/2 step an fp32 clone of their partition even in fp32 (stage_1_and_2.py clones it); ZeRO-3 shares an
+    # fp32 partition with the optimizer and copies only from bf16.
+    master = e == 2 or stage in (1, 2)
+    optimizer_per_param = ADAM_STATE_BYTES + (FP32_MASTER_BYTES if master else 0)
     optimizer = 0.0 if knobs.offload_optimizer else optimizer_per_param * p / (w if sharded else 1)
+    # torch AdamW (foreach) allocates sqrt(exp_avg_sq) for the whole partition while it steps.
+    adam_scratch = 0.0 if knobs.offload_optimizer else 4 * p / (w if sharded else 1)
 
     grad_partition = GRAD_ACCUM_BYTES * p / w if stage >= 2 else 0.0
     if stage <= 1:
@@ -302,7 +307,7 @@ def estimate_memory(shape: ModelShape, knobs: Knobs) -> Memory:
         "pass 1": base + resident_grads + gathered_pass1 + activations_nograd + reps,
         "loss": base + resident_grads + logits,
         "pass 2": base + grads_pass2 + gathered_pass2 + activations + reps + buffers,
-        "optimizer": base + max(grads_pass2, resident_grads) + buffers,
+        "optimizer": base + max(grads_pass2, resident_grads) + buffers + adam_scratch,
     }
     peak_phase = max(phases, key=phases.__getitem__)
     return Memory(
