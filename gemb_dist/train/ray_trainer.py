@@ -62,9 +62,10 @@ def local_run_dir(storage: str, run_name: str) -> Path:
 
 @dataclass(frozen=True)
 class PreparedRun:
-    config: GembConfig  # with train.run_name and train.resume filled in
+    config: GembConfig  # with train.run_name, train.resume and mlflow.tracking_uri filled in
     storage: str
     run_dir: Path
+    local_tracking: bool = False  # no server configured: MLflow logs to a sqlite file under run_dir
 
 
 def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
@@ -85,9 +86,14 @@ def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
         )
     load_manifest(Storage(config.data.shards))
     run_dir = local_run_dir(storage, run_name)
-    probe_tracking_server(resolve_tracking_uri(config, run_dir))
+    # Resolved here, on the driver, and forwarded in the config: a worker on another node may not share the
+    # driver's environment ($MLFLOW_TRACKING_URI), and all ranks must log to the one store the user looks at.
+    tracking_uri = resolve_tracking_uri(config, run_dir)
+    probe_tracking_server(tracking_uri)
     train = config.train.model_copy(update={"run_name": run_name, "resume": resume})
-    return PreparedRun(config.model_copy(update={"train": train}), storage, run_dir)
+    mlflow = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
+    prepared = config.model_copy(update={"train": train, "mlflow": mlflow})
+    return PreparedRun(prepared, storage, run_dir, local_tracking=tracking_uri.startswith("sqlite:"))
 
 
 def launch(run: PreparedRun):
