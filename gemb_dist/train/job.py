@@ -58,6 +58,10 @@ def run_job(stage: str, argv: list[str] | None = None, description: str | None =
         )
     print(f"{stage}: run {run.config.train.run_name}, MLflow at {run.config.mlflow.tracking_uri}", flush=True)
     print(dump_config(run.config), flush=True)
-    result = launch(run)
+    try:
+        result = launch(run)
+    except ValueError as err:  # found on the cluster before training (e.g. a node with other package versions)
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        return 2
     print(f"{stage}: run {result.path} finished; metrics {result.metrics}", flush=True)
     return 0
