@@ -105,9 +105,12 @@ start_worker_node() {  # index
   read -r p_nm p_om _ _ p_agent_http p_env_agent p_metrics <<< "$internal"
   # `ray start --block` stays the parent of this node's raylet and everything under it: stop.sh (and a
   # node-loss drill) ends exactly this node through its PID.
-  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
+  # =1: Ray refuses `ray start --address` (a worker node) otherwise; the node still binds 127.0.0.1 only. The
+  # head's address is spelled IPv4-mapped: Ray rewrites a literal 127.0.0.1 / localhost into the machine's
+  # routable IP, where the head (bound to 127.0.0.1) does not listen.
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
     MLFLOW_TRACKING_URI="$JOB_MLFLOW_URI" RAY_ADDRESS="127.0.0.1:$RAY_PORT" setsid ray start --block \
-    --address="127.0.0.1:$RAY_PORT" --node-ip-address=127.0.0.1 --disable-usage-stats \
+    --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address=127.0.0.1 --disable-usage-stats \
     --num-cpus="$RAY_WORKER_NODE_CPUS" --resources="{\"gemb_worker_node\": 1, \"gemb_node_$i\": 1}" \
     --node-manager-port="$p_nm" --object-manager-port="$p_om" --dashboard-agent-listen-port="$p_agent_http" \
     --runtime-env-agent-port="$p_env_agent" --metrics-export-port="$p_metrics" \
@@ -160,7 +163,8 @@ wait_http "http://127.0.0.1:$MLFLOW_PORT/health" "$STATE_DIR/mlflow.pid" "$STATE
   || { cluster/local/stop.sh; exit 1; }
 if [ "$RAY_WORKER_NODES" -gt 0 ]; then
   for i in $(seq 1 "$RAY_WORKER_NODES"); do start_worker_node "$i"; done
-  RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" RAY_ADDRESS="127.0.0.1:$RAY_PORT" wait_nodes \
+  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
+    RAY_ADDRESS="127.0.0.1:$RAY_PORT" wait_nodes \
     || { cluster/local/stop.sh; exit 1; }
 fi
 
