@@ -94,7 +94,8 @@ def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
     train = config.train.model_copy(update={"run_name": run_name, "resume": resume})
     mlflow = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
     prepared = config.model_copy(update={"train": train, "mlflow": mlflow})
-    return PreparedRun(prepared, storage, run_dir, local_tracking=tracking_uri.startswith("sqlite:"))
+    fallback = not (config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    return PreparedRun(prepared, storage, run_dir, local_tracking=fallback)
 
 
 def launch(run: PreparedRun):
