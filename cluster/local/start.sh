@@ -26,6 +26,8 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 RAY_NUM_CPUS=${RAY_NUM_CPUS:-$(nproc --all)}
 RAY_WORKER_NODES=${RAY_WORKER_NODES:-0}
 RAY_WORKER_NODE_CPUS=${RAY_WORKER_NODE_CPUS:-1}
+# Every node's object store lives in the one /dev/shm: Ray's default (30% of memory each) overcommits it.
+RAY_WORKER_NODE_OBJECT_STORE_MB=${RAY_WORKER_NODE_OBJECT_STORE_MB:-512}
 JOB_MLFLOW_URI=http://127.0.0.1:$MLFLOW_PORT
 # Jobs run `python ...` from the head's PATH: the project's environment must come first.
 export PATH="$VENV/bin:$PATH"
@@ -102,7 +104,7 @@ start_worker_node() {  # index
   if alive "$pidfile"; then echo "Ray worker node $i already running (pid $(cat "$pidfile"))"; return; fi
   local internal
   internal=$(free_ports)
-  read -r p_nm p_om _ _ p_agent_http p_env_agent p_metrics <<< "$internal"
+  read -r p_nm p_om _ p_agent_grpc p_agent_http p_env_agent p_metrics <<< "$internal"
   # `ray start --block` stays the parent of this node's raylet and everything under it: stop.sh (and a
   # node-loss drill) ends exactly this node through its PID.
   # =1: Ray refuses `ray start --address` (a worker node) otherwise; the node still binds 127.0.0.1 only. The
@@ -111,15 +113,16 @@ start_worker_node() {  # index
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
     MLFLOW_TRACKING_URI="$JOB_MLFLOW_URI" RAY_ADDRESS="127.0.0.1:$RAY_PORT" setsid ray start --block \
     --address="[::ffff:127.0.0.1]:$RAY_PORT" --node-ip-address=127.0.0.1 --disable-usage-stats \
+    --object-store-memory=$((RAY_WORKER_NODE_OBJECT_STORE_MB * 1024 * 1024)) \
     --num-cpus="$RAY_WORKER_NODE_CPUS" --resources="{\"gemb_worker_node\": 1, \"gemb_node_$i\": 1}" \
-    --node-manager-port="$p_nm" --object-manager-port="$p_om" --dashboard-agent-listen-port="$p_agent_http" \
-    --runtime-env-agent-port="$p_env_agent" --metrics-export-port="$p_metrics" \
-    > "$STATE_DIR/ray_node$i.log" 2>&1 < /dev/null &
+    --node-manager-port="$p_nm" --object-manager-port="$p_om" --dashboard-agent-grpc-port="$p_agent_grpc" \
+    --dashboard-agent-listen-port="$p_agent_http" --runtime-env-agent-port="$p_env_agent" \
+    --metrics-export-port="$p_metrics" > "$STATE_DIR/ray_node$i.log" 2>&1 < /dev/null &
   echo $! > "$pidfile"
 }
 
-wait_nodes() {  # every worker node registered with the head, alive
-  "$PY" - "$RAY_WORKER_NODES" <<'PYEOF' || { echo "start.sh: worker nodes did not join; see $STATE_DIR/ray_node*.log" >&2; return 1; }
+wait_nodes() {  # count: that many worker nodes registered with the head, alive
+  "$PY" - "$1" <<'PYEOF' || { echo "start.sh: worker nodes did not join; see $STATE_DIR/ray_node*.log" >&2; return 1; }
 import sys, time
 import ray
 want = int(sys.argv[1])
@@ -162,10 +165,14 @@ wait_for_job_api(sys.argv[1], headers={"Authorization": "Bearer " + token})' \
 wait_http "http://127.0.0.1:$MLFLOW_PORT/health" "$STATE_DIR/mlflow.pid" "$STATE_DIR/mlflow.log" "MLflow server" \
   || { cluster/local/stop.sh; exit 1; }
 if [ "$RAY_WORKER_NODES" -gt 0 ]; then
-  for i in $(seq 1 "$RAY_WORKER_NODES"); do start_worker_node "$i"; done
-  RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
-    RAY_ADDRESS="127.0.0.1:$RAY_PORT" wait_nodes \
-    || { cluster/local/stop.sh; exit 1; }
+  # One at a time: nodes on one machine share the head's session directory, and two raylets starting together
+  # pick the same unix socket name there (the second dies with "bind: Address already in use").
+  for i in $(seq 1 "$RAY_WORKER_NODES"); do
+    start_worker_node "$i"
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$TOKEN_FILE" \
+      RAY_ADDRESS="127.0.0.1:$RAY_PORT" wait_nodes "$i" \
+      || { cluster/local/stop.sh; exit 1; }
+  done
 fi
 
 cat > "$STATE_DIR/env.sh" <<EOF
