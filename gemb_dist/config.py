@@ -232,6 +232,11 @@ class TrainConfig(Section):
     log_every: int = Field(1, gt=0, description="Print progress every N steps.")
     checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the newest K).")
+    checkpoint_staging_dir: str | None = Field(
+        None,
+        description="Local directory where each rank writes its checkpoint share before Ray uploads it to "
+        "ray.storage_path; None = the system temp directory. Needs room for one rank's share.",
+    )
     fault_injection: FaultInjection | None = Field(
         None, description="Tests and chaos drills: raise on `rank` at `step` of the first attempt."
     )

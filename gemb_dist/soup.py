@@ -339,7 +339,7 @@ def greedy_select(candidates: Sequence[str], score: Callable[[Sequence[str]], fl
 # ------------------------------------------------------------------------------------------------ ingredients
 def consolidate_zero_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: Path, tag: str | None = None) -> Path:
     """Turn a ZeRO checkpoint of an `EmbeddingModel` into a gemb model dir at `out_dir` (must not exist)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from gemb_dist.train.safe_load import safe_zero_to_fp32
 
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -356,7 +356,7 @@ def consolidate_zero_checkpoint(checkpoint_dir: str | os.PathLike, out_dir: Path
             f"zero_checkpoint {checkpoint_dir}: no {GEMB_CONFIG_NAME} in it or its parent; the model's config.json, "
             f"{GEMB_CONFIG_NAME} and tokenizer files must be saved next to the checkpoint"
         )
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag, lazy_mode=True)
+    state = safe_zero_to_fp32(str(checkpoint_dir), tag=tag, lazy_mode=True)  # weights-only torch.load
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[
         json.loads((source / GEMB_CONFIG_NAME).read_text()).get("dtype", "float32")
     ]

@@ -54,7 +54,8 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, out_dir: str, a
 def run_workers(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> list[Any]:
     """`fn(rank, world_size, *args)` on `world_size` spawned processes; returns the results in rank order.
 
-    `fn` must be importable (a module-level function) and its result picklable by `torch.save`.
+    `fn` must be importable (a module-level function) and return what `torch.load(weights_only=True)` reads back
+    (tensors, numbers, strings, containers of them).
     """
     ctx = mp.get_context("spawn")
     port = free_port()
@@ -86,4 +87,4 @@ def run_workers(fn: Callable, world_size: int, *args: Any, timeout: float = 300.
             raise RuntimeError(
                 f"ranks {missing} wrote no result (exit codes {codes}, still running after {timeout:.0f}s: {hung})"
             )
-        return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+        return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world_size)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the Ray head and MLflow server started by cluster/local/start.sh: only the PIDs it recorded and their
+# Stop the Ray head, its worker nodes and the MLflow server started by cluster/local/start.sh: only the PIDs it recorded and their
 # children, never other Ray or MLflow processes on the machine (so no `ray stop`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,6 +31,10 @@ stop_pidfile() {  # pidfile name expected-command-fragment grace-seconds
 }
 
 stop_pidfile "$STATE_DIR/mlflow.pid" "MLflow server" "mlflow server" 15
+for nodefile in "$STATE_DIR"/ray_node*.pid; do  # worker nodes (RAY_WORKER_NODES) before their head
+  [ -e "$nodefile" ] || continue
+  stop_pidfile "$nodefile" "Ray worker node $(basename "$nodefile" .pid | sed 's/^ray_node//')" "ray start" 20
+done
 stop_pidfile "$STATE_DIR/ray.pid" "Ray head" "ray start" 40
 if [ -f "$STATE_DIR/ray.tmpdir" ]; then
   ray_tmp=$(cat "$STATE_DIR/ray.tmpdir")

@@ -49,7 +49,19 @@ def run_job(stage: str, argv: list[str] | None = None, description: str | None =
     except (ValueError, ConnectionError) as err:
         print(f"{stage}: error: {err}", file=sys.stderr)
         return 2
+    if run.local_tracking:  # first lines of the job log: a user looking at the MLflow UI would not find this run
+        print(
+            f"{stage}: WARNING: no MLflow tracking server set (mlflow.tracking_uri, $MLFLOW_TRACKING_URI in the "
+            f"job's environment): this run logs to the local store {run.config.mlflow.tracking_uri}",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(f"{stage}: run {run.config.train.run_name}, MLflow at {run.config.mlflow.tracking_uri}", flush=True)
     print(dump_config(run.config), flush=True)
-    result = launch(run)
+    try:
+        result = launch(run)
+    except ValueError as err:  # found on the cluster before training (e.g. a node with other package versions)
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        return 2
     print(f"{stage}: run {result.path} finished; metrics {result.metrics}", flush=True)
     return 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,25 @@ class TrainResult:
     metrics: dict[str, float]
 
 
+def iter_batches(stream: TrainStream) -> Iterator:
+    """The batches of `stream`, fetched without touching the global torch RNG that dropout draws from.
+
+    A DataLoader draws its base seed from the global generator when its iterator starts (on the first batch).
+    Training starts it before step 1, a resumed run right after restoring the checkpoint's RNG state: without
+    this, a resumed run's dropout masks would be one draw off the uninterrupted run's (exactly-once, not exact).
+    """
+    iterator = iter(stream)
+    while True:
+        state = torch.get_rng_state()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            torch.set_rng_state(state)
+        yield batch
+
+
 def planned_steps(config: GembConfig, steps_per_epoch: int) -> int:
     """Optimizer steps of the run: `train.epochs` passes, capped by `train.max_steps`."""
     if steps_per_epoch <= 0:
@@ -57,11 +77,15 @@ class Trainer:
         run_dir: Path,
         total_steps: int,
         start_step: int = 0,
+        logged_through: int = 0,
     ):
         self.config, self.engine, self.stream = config, engine, stream
         self.checkpointer, self.tracker = checkpointer, tracker
         self.rank, self.run_dir = rank, Path(run_dir)
         self.total_steps, self.start_step = total_steps, start_step
+        # Steps after the checkpoint that an earlier attempt already delivered to MLflow: a restarted group
+        # replays them (with the same values: resume is exact) but must not log them twice.
+        self.logged_through = logged_through
         self.sample_log = self.run_dir / "samples" / f"rank{rank}.jsonl"
         self.sample_log.parent.mkdir(parents=True, exist_ok=True)
 
@@ -72,14 +96,15 @@ class Trainer:
             total=self.total_steps, initial=step, desc=self.config.train.stage, disable=self.rank != 0, mininterval=1.0
         )
         while step < self.total_steps:
-            for batch in self.stream:
+            for batch in iter_batches(self.stream):
                 step += 1
                 self._maybe_inject_fault(step)
                 started = time.perf_counter()
                 step_metrics = self.engine.train_step(batch)
                 self._record_samples(step, batch.sample_ids)
                 metrics = self._metrics(step_metrics, time.perf_counter() - started)
-                if step % self.config.mlflow.log_every == 0 or step == self.total_steps:
+                due = step % self.config.mlflow.log_every == 0 or step == self.total_steps
+                if due and step > self.logged_through:
                     self.tracker.log(metrics, step=step)
                 progress.update(1)
                 if step % self.config.train.log_every == 0:

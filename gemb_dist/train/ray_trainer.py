@@ -24,6 +24,7 @@ from gemb_dist.config import GembConfig, build_config
 log = logging.getLogger(__name__)
 
 RUNS_ROOT_ENV = "GEMB_RUNS_ROOT"
+VERSIONED_PACKAGES = ("gemb-dist", "torch", "deepspeed", "transformers", "ray")
 MODEL_DIR = "model"
 
 
@@ -62,9 +63,10 @@ def local_run_dir(storage: str, run_name: str) -> Path:
 
 @dataclass(frozen=True)
 class PreparedRun:
-    config: GembConfig  # with train.run_name and train.resume filled in
+    config: GembConfig  # with train.run_name, train.resume and mlflow.tracking_uri filled in
     storage: str
     run_dir: Path
+    local_tracking: bool = False  # no server configured: MLflow logs to a sqlite file under run_dir
 
 
 def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
@@ -85,9 +87,15 @@ def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
         )
     load_manifest(Storage(config.data.shards))
     run_dir = local_run_dir(storage, run_name)
-    probe_tracking_server(resolve_tracking_uri(config, run_dir))
+    # Resolved here, on the driver, and forwarded in the config: a worker on another node may not share the
+    # driver's environment ($MLFLOW_TRACKING_URI), and all ranks must log to the one store the user looks at.
+    tracking_uri = resolve_tracking_uri(config, run_dir)
+    probe_tracking_server(tracking_uri)
     train = config.train.model_copy(update={"run_name": run_name, "resume": resume})
-    return PreparedRun(config.model_copy(update={"train": train}), storage, run_dir)
+    mlflow = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
+    prepared = config.model_copy(update={"train": train, "mlflow": mlflow})
+    fallback = not (config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    return PreparedRun(prepared, storage, run_dir, local_tracking=fallback)
 
 
 def launch(run: PreparedRun):
@@ -99,6 +107,7 @@ def launch(run: PreparedRun):
     config, storage, run_dir = run.config, run.storage, run.run_dir
     if not ray.is_initialized():
         ray.init(address=config.ray.address)
+    check_node_versions()
     resources = dict(config.ray.resources_per_worker)
     trainer = TorchTrainer(
         train_worker,
@@ -137,12 +146,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     else:
         torch.set_num_threads(max(1, int(config.ray.resources_per_worker.get("CPU", 1))))
     init_deepspeed_distributed(config.ray.use_gpu, context.get_local_rank())
+    _record_placement(run_dir, rank)
 
     loaded = load_model(config, world_size)
     stream = build_train_stream(config.data, config.model, loaded.model.tokenizer, rank=rank, world_size=world_size)
     total_steps = planned_steps(config, stream.steps_per_epoch)
     engine = TrainEngine(config, loaded, total_steps, world_size)
-    checkpointer = Checkpointer(config, engine, stream, rank)
+    checkpointer = Checkpointer(config, engine, stream, rank, world_size)
     restored = checkpointer.restore() or {}
     tags = lineage_tags(config.train.stage, stream.dataset.manifest.fingerprint)
     tracker = build_tracker(
@@ -165,6 +175,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             run_dir=run_dir,
             total_steps=total_steps,
             start_step=restored.get("step", 0),
+            logged_through=_last_logged_step(config, tracker.run_id) if restored and rank == 0 else 0,
         )
         trainer.train()
         if rank == 0:
@@ -172,6 +183,70 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         status = "FINISHED"
     finally:
         tracker.close(status)
+
+
+def _record_placement(run_dir: Path, rank: int) -> None:
+    """Append which node and PID this rank runs on (one line per attempt): the drills and a post-mortem read it."""
+    import json
+
+    import ray
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {"rank": rank, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "time": time.time()}
+    with (run_dir / "nodes.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _last_logged_step(config: GembConfig, run_id: str | None) -> int:
+    """The last step whose `loss` the MLflow run holds (0 if unknown): what an earlier attempt delivered."""
+    if run_id is None:
+        return 0
+    from mlflow import MlflowClient
+
+    try:
+        history = MlflowClient(config.mlflow.tracking_uri).get_metric_history(run_id, "loss")
+    except Exception as err:  # the server may be down right now: then replayed steps may be logged again
+        log.warning(
+            "could not read the logged steps of MLflow run %s (%s); replayed steps are logged again", run_id, err
+        )
+        return 0
+    return max((m.step for m in history), default=0)
+
+
+def check_node_versions() -> None:
+    """Every alive node must run the driver's versions of the packages a worker imports; a node that joined with
+    other versions would fail (or silently differ) in the middle of a run, so the job fails now, naming it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    mine = package_versions()
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    probe = ray.remote(num_cpus=0)(package_versions)
+    refs = {
+        n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+        for n in nodes
+    }
+    bad = []
+    for node in nodes:
+        theirs = ray.get(refs[node["NodeID"]], timeout=120)
+        diff = {k: f"{theirs.get(k)} (driver {v})" for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            bad.append(f"node {node['NodeID'][:12]} at {node['NodeManagerAddress']}: {diff}")
+    if bad:
+        raise ValueError("nodes run other package versions than the job's driver: " + "; ".join(bad))
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that must match across nodes (distribution metadata on sys.path)."""
+    import importlib.metadata
+
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def export_final_model(config: GembConfig, run_dir: Path) -> Path:
