@@ -15,7 +15,7 @@ from _services import free_port, mlflow_server
 
 from gemb_dist.cli import main
 from gemb_dist.config import GembConfig, build_config, dump_config
-from gemb_dist.train.mlflow_sync import sync_run_dir
+from gemb_dist.train.mlflow_sync import deliver_at_end_of_job, sync_run_dir
 from gemb_dist.train.mlflow_tracker import UNDELIVERED_COUNT_TAG, UNDELIVERED_FILE
 from gemb_dist.train.tracking import (
     NullTracker,
@@ -253,6 +253,8 @@ def test_what_the_flush_timeout_leaves_is_tagged_and_synced_exactly_once(server,
         assert sum("key" in r for r in records) == 10 and records[-1]["end"] == "FINISHED"
         assert main(["mlflow", "sync", str(run_dir)]) == 1  # still down: a clear error, the backlog kept
         assert server.uri in capsys.readouterr().err and backlog.exists()
+        deliver_at_end_of_job(run_dir)  # the job driver's last look: says where the backlog is and what to run
+        assert f"gemb mlflow sync {run_dir}" in capsys.readouterr().out and backlog.exists()
     finally:
         server.start()
     run = client.get_run(tracker.run_id)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemb_dist.config import GembConfig
 from gemb_dist.train.mlflow_tracker import UNDELIVERED_COUNT_TAG, UNDELIVERED_FILE, UNDELIVERED_FILE_TAG
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,34 @@ def mark_killed(tracking_uri: str, experiment: str, run_name: str) -> list[str]:
     for run in runs:
         client.set_terminated(run.info.run_id, "KILLED")
     return [run.info.run_id for run in runs]
+
+
+def mark_killed_on_stop(config: GembConfig, run_dir: str | Path) -> None:
+    """On the job driver: make SIGTERM/SIGINT (`ray job stop`) end the run's MLflow run as KILLED first.
+
+    The workers are killed with the driver, too abruptly to end the run themselves; Ray gives the driver
+    $RAY_JOB_STOP_WAIT_TIME_S (3 s by default) before SIGKILL, so this is a few quick HTTP calls, no retries.
+    """
+    from gemb_dist.train.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(config, run_dir)
+    experiment, run_name = config.mlflow.experiment, config.train.run_name
+
+    def on_stop(signum, frame) -> None:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "2"
+        try:
+            ids = mark_killed(uri, experiment, run_name)
+            print(
+                f"stopped ({signal.Signals(signum).name}): MLflow run(s) {ids} of {run_name} marked KILLED", flush=True
+            )
+        except Exception as err:  # noqa: BLE001 - stopping goes on; the run just stays RUNNING in MLflow
+            print(f"stopped: could not mark the MLflow run of {run_name} KILLED at {uri}: {err}", flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_stop)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
