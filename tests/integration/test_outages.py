@@ -51,8 +51,12 @@ def services(tmp_path_factory):
     mlflow = MlflowServer(root / "mlflow")
     mlflow.start()
     try:
-        with ray_head(root / "ray", num_cpus=2) as head:
-            yield Services(head.address, head.dashboard_url, mlflow, root / "shards", root / "runs", sample_ids)
+        with pytest.MonkeyPatch.context() as env:
+            # Ray's memory monitor kills workers by the whole machine's memory use; on a shared CI box other
+            # processes' memory would make it kill these drills' workers (the kernel's OOM killer still acts).
+            env.setenv("RAY_memory_monitor_refresh_ms", "0")
+            with ray_head(root / "ray", num_cpus=2) as head:
+                yield Services(head.address, head.dashboard_url, mlflow, root / "shards", root / "runs", sample_ids)
     finally:
         mlflow.stop()
 
