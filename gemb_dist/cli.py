@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "data": "gemb_dist.data.cli",
     "eval": "gemb_dist.evaluate.cli",
     "export": "gemb_dist.export",
+    "mlflow": "gemb_dist.train.mlflow_sync",
     "plan": "gemb_dist.plan_cli",
 }
 

@@ -214,6 +214,12 @@ class MLflowConfig(Section):
     request_timeout_s: int = Field(
         30, gt=0, description="HTTP timeout of one MLflow request ($MLFLOW_HTTP_REQUEST_TIMEOUT wins when set)."
     )
+    flush_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="At the end of a run, seconds to wait for a server that is down to take the buffered metrics; "
+        "what is left is saved to <run>/mlflow_undelivered_metrics.jsonl for `gemb mlflow sync RUN_DIR`.",
+    )
 
 
 class FaultInjection(Section):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +13,10 @@ import pytest
 import yaml
 from _services import free_port, mlflow_server
 
+from gemb_dist.cli import main
 from gemb_dist.config import GembConfig, build_config, dump_config
+from gemb_dist.train.mlflow_sync import deliver_at_end_of_job, sync_run_dir
+from gemb_dist.train.mlflow_tracker import UNDELIVERED_COUNT_TAG, UNDELIVERED_FILE
 from gemb_dist.train.tracking import (
     NullTracker,
     TrackingServerUnreachable,
@@ -203,3 +208,80 @@ def test_training_outlives_a_server_outage(server, client, tmp_path, caplog):
     assert metric_steps(client, tracker.run_id, "loss") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0}
     assert "outage.txt" in {a.path for a in client.list_artifacts(tracker.run_id)}
     assert client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+def restart_later(server, delay_s: float) -> threading.Thread:
+    thread = threading.Thread(target=lambda: (time.sleep(delay_s), server.start()), daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_close_waits_up_to_the_flush_timeout_for_a_server_that_comes_back(server, client, tmp_path):
+    config = make_config(server.uri, "flush", retries=0, retry_backoff_s=0.3, flush_timeout_s=120)
+    tracker = build_tracker(config, rank=0, run_dir=tmp_path / "run", run_name="flush", tags={})
+    tracker.log({"loss": 1.0}, step=1)
+    server.stop()
+    for step in (2, 3, 4):
+        tracker.log({"loss": float(step)}, step=step)
+    restarted = restart_later(server, 2.0)
+    try:
+        tracker.close()  # returns once the restarted server took everything
+    finally:
+        restarted.join()
+    assert metric_steps(client, tracker.run_id, "loss") == {1: 1.0, 2: 2.0, 3: 3.0, 4: 4.0}
+    assert len(client.get_metric_history(tracker.run_id, "loss")) == 4
+    assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    assert not (tmp_path / "run" / UNDELIVERED_FILE).exists()
+
+
+@pytest.mark.slow
+def test_what_the_flush_timeout_leaves_is_tagged_and_synced_exactly_once(server, client, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    config = make_config(server.uri, "sync", retries=0, retry_backoff_s=0.2, flush_timeout_s=1.0)
+    tracker = build_tracker(config, rank=0, run_dir=run_dir, run_name="sync", tags={})
+    tracker.log({"loss": 1.0, "lr": 0.1}, step=1)
+    server.stop()
+    try:
+        for step in range(2, 7):
+            tracker.log({"loss": float(step), "lr": 0.1}, step=step)
+        start = time.monotonic()
+        tracker.close()
+        assert time.monotonic() - start < 10, "close must give up after mlflow.flush_timeout_s"
+        backlog = run_dir / UNDELIVERED_FILE
+        records = [json.loads(line) for line in backlog.read_text().splitlines()]
+        assert sum("key" in r for r in records) == 10 and records[-1]["end"] == "FINISHED"
+        assert main(["mlflow", "sync", str(run_dir)]) == 1  # still down: a clear error, the backlog kept
+        assert server.uri in capsys.readouterr().err and backlog.exists()
+        deliver_at_end_of_job(run_dir)  # the job driver's last look: says where the backlog is and what to run
+        assert f"gemb mlflow sync {run_dir}" in capsys.readouterr().out and backlog.exists()
+    finally:
+        server.start()
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "RUNNING" and metric_steps(client, tracker.run_id, "loss") == {1: 1.0}
+    saved = backlog.read_text()
+
+    assert main(["mlflow", "sync", str(run_dir)]) == 0
+    assert "10 metric points delivered, 0 already there; run ended FINISHED" in capsys.readouterr().out
+    expected = {step: float(step) for step in range(1, 7)}
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[UNDELIVERED_COUNT_TAG] == "0" and run.data.tags["gemb.synced_metrics"] == "10"
+    assert str(backlog) == run.data.tags["gemb.undelivered_file"]
+
+    assert main(["mlflow", "sync", str(run_dir)]) == 0  # twice: nothing left to send
+    assert "nothing undelivered" in capsys.readouterr().out
+    backlog.write_text(saved)  # a sync that delivered but died before renaming the file
+    assert main(["mlflow", "sync", str(run_dir)]) == 0
+    assert "0 metric points delivered, 10 already there" in capsys.readouterr().out
+    assert metric_steps(client, tracker.run_id, "loss") == expected
+    assert len(client.get_metric_history(tracker.run_id, "loss")) == 6
+    assert len(client.get_metric_history(tracker.run_id, "lr")) == 6
+
+
+def test_sync_names_the_file_and_line_of_a_bad_record(tmp_path):
+    (tmp_path / UNDELIVERED_FILE).write_text('{"run_id": "r", "key": "loss", "value": 1, "step": 1, "timestamp": 5}\n{')
+    with pytest.raises(ValueError, match=rf"{UNDELIVERED_FILE}:2: not an undelivered-metrics record"):
+        sync_run_dir(tmp_path)
+    with pytest.raises(ValueError, match="no such run directory"):
+        sync_run_dir(tmp_path / "missing")

@@ -8,6 +8,8 @@ as `BadSample`s that the caller counts and replaces.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +24,10 @@ from gemb_dist.data.schema import validate_sample
 from gemb_dist.data.storage import Storage
 
 NO_SHUFFLE_PIECE = 1024  # positions fetched together when blocks are off (memory bound of a worker)
+READ_RETRIES = 4  # reopens of a shard whose stream broke mid-read: 0.5 + 1 + 2 + 4 s of backoff
+READ_RETRY_BACKOFF_S = 0.5
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -32,43 +38,79 @@ class BadSample:
 
 
 class _Cursor:
-    """An open shard stream and the index of the next sample it will produce."""
+    """An open shard stream and the index of the next sample it will produce.
+
+    A stream that breaks (a dropped connection, a read timeout) is reopened and fast-forwarded to where it
+    was (S3 only), up to READ_RETRIES times per shard with exponential backoff, before the rest of the shard
+    is counted bad: botocore retries a request, not a body that fails halfway.
+    """
 
     def __init__(self, storage: Storage, path: str):
+        self.storage, self.path = storage, path
         self.url = storage.url(path)
         self.next_index = 0
         self.error: str | None = None
+        # A local file does not drop connections: its read errors are the data's, retrying cannot help.
+        self.retries_left = READ_RETRIES if storage.scheme == "s3" else 0
+        self.stream = None
+        self._open()
+
+    def _open(self) -> None:
         try:
-            stream = storage.open(path)
+            self.stream = self.storage.open(self.path)
         except FileNotFoundError:
             self.error, self.samples = f"{self.url}: shard missing from storage", iter(())
             return
         except OSError as err:
             self.error, self.samples = f"{self.url}: cannot open shard ({err})", iter(())
             return
-        self.stream = stream
-        files = wds.tariterators.tar_file_expander([{"url": self.url, "stream": stream}])
+        files = wds.tariterators.tar_file_expander([{"url": self.url, "stream": self.stream}])
         self.samples = wds.tariterators.group_by_keys(files)
+
+    def _reopen(self, failure: str) -> bool:
+        """After a read failure: reopen at `next_index`; False when retries are spent or reopening fails."""
+        while self.retries_left > 0:
+            delay_s = READ_RETRY_BACKOFF_S * 2 ** (READ_RETRIES - self.retries_left)
+            self.retries_left -= 1
+            log.warning("%s; reopening the shard at sample %d in %.1f s", failure, self.next_index, delay_s)
+            self.close()
+            time.sleep(delay_s)
+            self.error = None
+            self._open()
+            if self.error is not None:
+                failure = self.error
+                continue
+            try:
+                for _ in range(self.next_index):
+                    if next(self.samples, None) is None:
+                        return False
+                return True
+            except Exception as err:  # noqa: BLE001 - broke again while fast-forwarding: try again
+                failure = f"{self.url}: unreadable while reopening ({type(err).__name__}: {err})"
+        self.error = failure
+        return False
 
     def advance(self) -> dict[str, Any] | None:
         """The next raw tar sample, or None at the end or after an error (recorded in `error`)."""
-        if self.error is not None:
-            return None
-        try:
-            sample = next(self.samples, None)
-        except Exception as err:  # noqa: BLE001 - any tar/stream failure makes the rest of the shard unreadable
-            self.error = f"{self.url}: unreadable after sample {self.next_index} ({type(err).__name__}: {err})"
-            return None
-        if sample is None:
-            self.error = f"{self.url}: ended after {self.next_index} samples (truncated shard?)"
-            return None
-        self.next_index += 1
-        return sample
+        while self.error is None:
+            try:
+                sample = next(self.samples, None)
+            except Exception as err:  # noqa: BLE001 - any tar/stream failure makes the rest of the shard unreadable
+                failure = f"{self.url}: unreadable after sample {self.next_index} ({type(err).__name__}: {err})"
+                if not self._reopen(failure):
+                    self.error = self.error or failure
+                continue
+            if sample is None:
+                self.error = f"{self.url}: ended after {self.next_index} samples (truncated shard?)"
+                return None
+            self.next_index += 1
+            return sample
+        return None
 
     def close(self) -> None:
-        stream = getattr(self, "stream", None)
-        if stream is not None:
-            stream.close()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
 
 class ShardReader:

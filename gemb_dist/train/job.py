@@ -58,10 +58,18 @@ def run_job(stage: str, argv: list[str] | None = None, description: str | None =
         )
     print(f"{stage}: run {run.config.train.run_name}, MLflow at {run.config.mlflow.tracking_uri}", flush=True)
     print(dump_config(run.config), flush=True)
+    import ray
+
+    from gemb_dist.train.mlflow_sync import deliver_at_end_of_job, mark_killed_on_stop
+
+    if not ray.is_initialized():  # first: ray.init installs signal handlers of its own that would replace ours
+        ray.init(address=run.config.ray.address)
+    mark_killed_on_stop(run.config, run.run_dir)
     try:
         result = launch(run)
     except ValueError as err:  # found on the cluster before training (e.g. a node with other package versions)
         print(f"{stage}: error: {err}", file=sys.stderr)
         return 2
     print(f"{stage}: run {result.path} finished; metrics {result.metrics}", flush=True)
+    deliver_at_end_of_job(run.run_dir)
     return 0

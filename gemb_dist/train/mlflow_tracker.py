@@ -3,6 +3,8 @@
 Training must outlive the tracking server: every call is retried with exponential backoff, then the tracker
 goes on without the server, buffers metrics and other writes in order, tries to reconnect at a slow pace and
 flushes the buffer once the server answers again. Only a server that is down when the run starts is fatal.
+At the end of a run `close` waits up to `mlflow.flush_timeout_s` for the server; what is still undelivered is
+saved to `<run>/mlflow_undelivered_metrics.jsonl` (read by `gemb mlflow sync`, `mlflow_sync.py`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 MAX_BUFFERED_METRICS = 200_000  # about 40 MB of Metric objects; older points are dropped past this
 UNDELIVERED_FILE = "mlflow_undelivered_metrics.jsonl"
 RESUME_COUNT_TAG = "gemb.resume_count"
+UNDELIVERED_COUNT_TAG = "gemb.undelivered_metrics"
+UNDELIVERED_FILE_TAG = "gemb.undelivered_file"
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -65,6 +69,8 @@ class MlflowTracker:
         self._closed = False
         self._system_metrics = None
         self._system_metrics_interval_s = cfg.system_metrics_interval_s
+        self._retry_backoff_s = cfg.retry_backoff_s
+        self._flush_timeout_s = cfg.flush_timeout_s
 
         if is_http_uri(self.tracking_uri):
             # MLflow's own defaults (7 retries, 120 s timeout) would stall a training step for minutes;
@@ -133,22 +139,35 @@ class MlflowTracker:
             self._submit(f"{len(chunk)} tags", lambda chunk=chunk: self.client.log_batch(self.run_id, tags=chunk))
 
     def close(self, status: str = "FINISHED") -> None:
-        """Flush everything (with retries), then end the run with `status` (FINISHED, FAILED or KILLED)."""
+        """Flush everything and end the run with `status` (FINISHED, FAILED or KILLED).
+
+        A server that is down gets up to `mlflow.flush_timeout_s` to come back; then what is left (metrics and
+        the end of the run) goes to UNDELIVERED_FILE and the run is tagged with the count and the file.
+        """
         if self._closed:
             return
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise ValueError(f"run status must be FINISHED, FAILED or KILLED, got {status!r}")
         self._closed = True
         self._stop_system_metrics()
-        self._drain(force=True)
+        # Ending the run is the last queued write, so it waits for (and never overtakes) the buffered metrics.
+        self._ops.append((f"end of run ({status})", lambda: self._terminate(status)))
+        deadline = time.monotonic() + self._flush_timeout_s
+        while True:
+            self._drain(force=True, retries=[])
+            remaining = deadline - time.monotonic()
+            if not (self._metrics or self._ops) or remaining <= 0:
+                break
+            time.sleep(min(self._retry_backoff_s, remaining))
         if self._metrics or self._ops:
-            self._save_undelivered()
-        try:
-            self._call(lambda: self.client.set_terminated(self.run_id, status), retries=self._retry_delays_s)
-        except Exception as err:
-            if not _is_transient(err):
-                raise
-            log.warning("could not mark MLflow run %s as %s at %s: %s", self.run_id, status, self.tracking_uri, err)
+            self._save_undelivered(status)
+
+    def _terminate(self, status: str) -> None:
+        # `ray job stop` marks the run KILLED from the driver; a worker failing as a consequence must not
+        # overwrite that with FAILED.
+        if status == "FAILED" and self.client.get_run(self.run_id).info.status == "KILLED":
+            return
+        self.client.set_terminated(self.run_id, status)
 
     def __enter__(self) -> MlflowTracker:
         return self
@@ -236,13 +255,14 @@ class MlflowTracker:
                     raise
                 time.sleep(delay)
 
-    def _drain(self, force: bool = False) -> None:
+    def _drain(self, force: bool = False, retries: list[float] | None = None) -> None:
         """Send buffered metrics and queued writes in order; on a transient failure go (or stay) offline."""
         offline = self._offline_since is not None
         if offline and not force and time.monotonic() < self._next_reconnect:
             return
         # Online, each call gets the full retry schedule; offline, one try per reconnect attempt.
-        retries = self._retry_delays_s if (force or not offline) else []
+        if retries is None:
+            retries = self._retry_delays_s if (force or not offline) else []
         try:
             while self._metrics:
                 chunk = self._metrics[:MAX_METRICS_PER_BATCH]
@@ -282,20 +302,50 @@ class MlflowTracker:
             self._system_metrics = None
             self._start_system_metrics(resume=True)
 
-    def _save_undelivered(self) -> None:
+    def _save_undelivered(self, status: str) -> None:
+        """Append what the server never took to UNDELIVERED_FILE, one JSON object a line, each naming its run."""
         path = self.run_dir / UNDELIVERED_FILE
+        pending = [description for description, _ in self._ops]
+        ended = bool(pending) and pending[-1].startswith("end of run")
+        lost = pending[:-1] if ended else pending
         with path.open("a") as f:
             for m in self._metrics:
-                f.write(json.dumps({"key": m.key, "value": m.value, "step": m.step, "timestamp": m.timestamp}) + "\n")
-        lost = [description for description, _ in self._ops]
-        dropped = f"; {self._dropped_metrics} older points were dropped from the full buffer"
+                record = {
+                    "run_id": self.run_id,
+                    "key": m.key,
+                    "value": m.value,
+                    "step": m.step,
+                    "timestamp": m.timestamp,
+                }
+                f.write(json.dumps(record) + "\n")
+            for description in lost:  # artifacts and params are not replayable from a file; say what is missing
+                f.write(json.dumps({"run_id": self.run_id, "lost": description}) + "\n")
+            if ended:
+                end = {"run_id": self.run_id, "end": status, "end_time": int(time.time() * 1000)}
+                f.write(json.dumps({**end, "tracking_uri": self.tracking_uri}) + "\n")
+                f.flush()
+            os.fsync(f.fileno())
+        num_metrics = len(self._metrics)
+        dropped = (
+            f"; {self._dropped_metrics} older points were dropped from the full buffer" if self._dropped_metrics else ""
+        )
         log.warning(
-            "MLflow server %s did not come back: %d metric points saved to %s; not delivered: %s%s",
+            "MLflow server %s did not take everything within mlflow.flush_timeout_s=%.0f s: %d metric points%s "
+            "saved to %s; deliver them with `gemb mlflow sync %s`; not replayable: %s%s",
             self.tracking_uri,
-            len(self._metrics),
+            self._flush_timeout_s,
+            num_metrics,
+            f" and the end of the run ({status})" if ended else "",
             path,
-            ", ".join(lost) or "nothing else",
-            dropped if self._dropped_metrics else "",
+            self.run_dir,
+            ", ".join(lost) or "nothing",
+            dropped,
         )
         self._metrics.clear()
         self._ops.clear()
+        try:  # one last try; `gemb mlflow sync` and the job driver tag the run later otherwise
+            tags = [RunTag(UNDELIVERED_COUNT_TAG, str(num_metrics)), RunTag(UNDELIVERED_FILE_TAG, str(path))]
+            self.client.log_batch(self.run_id, tags=tags)
+        except Exception as err:
+            if not _is_transient(err):
+                raise

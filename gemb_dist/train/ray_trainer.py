@@ -49,7 +49,9 @@ def resolve_storage_path(storage_path: str) -> str:
 def _run_exists(storage: str, run_name: str) -> bool:
     import pyarrow.fs
 
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage if "://" in storage else f"file://{storage}")
+    from gemb_dist.data.storage import pyarrow_filesystem
+
+    filesystem, root = pyarrow_filesystem(storage)
     info = filesystem.get_file_info(f"{root.rstrip('/')}/{run_name}")
     return info.type != pyarrow.fs.FileType.NotFound
 
@@ -72,10 +74,12 @@ class PreparedRun:
 def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
     """Name the run and check storage, data and MLflow; every failure here happens before any worker starts."""
     from gemb_dist.data.manifest import load_manifest
-    from gemb_dist.data.storage import Storage
+    from gemb_dist.data.storage import Storage, check_s3_location
     from gemb_dist.train.tracking import probe_tracking_server, resolve_tracking_uri
 
     storage = resolve_storage_path(config.ray.storage_path)
+    check_s3_location(storage, "ray.storage_path")
+    check_s3_location(config.data.shards, "data.shards")
     run_name = config.train.run_name or default_run_name(config.train.stage)
     exists = _run_exists(storage, run_name)
     if resume and not exists:
@@ -109,6 +113,11 @@ def launch(run: PreparedRun):
         ray.init(address=config.ray.address)
     check_node_versions()
     resources = dict(config.ray.resources_per_worker)
+    filesystem, storage_path = None, storage
+    if storage.startswith("s3://"):  # Ray Train writes checkpoints through it: S3 retries with backoff
+        from gemb_dist.data.storage import pyarrow_filesystem
+
+        filesystem, storage_path = pyarrow_filesystem(storage)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_dir": str(run_dir)},
@@ -118,7 +127,8 @@ def launch(run: PreparedRun):
         ),
         run_config=RunConfig(
             name=config.train.run_name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.ray.max_failures),
         ),
