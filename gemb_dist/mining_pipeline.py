@@ -115,6 +115,8 @@ def read_passages(location: str) -> list[str]:
                 raise ValueError(f"{location}:{number}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise ValueError(f"{location}:{number}: an extra-corpus line must be an object with a string `text`")
+            if not record["text"].strip():
+                raise ValueError(f"{location}:{number}: field 'text' is empty")
             passages.append(record["text"])
         return passages
     return [text for s in read_samples(location) for text in (s["positive"], *s["negatives"])]
