@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "data": "gemb_dist.data.cli",
     "eval": "gemb_dist.evaluate.cli",
     "export": "gemb_dist.export",
+    "mine": "gemb_dist.mining_cli",
+    "synthesize": "gemb_dist.synthesize_cli",
 }
 
 
