@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from gemb_dist.batch import text_key
 from gemb_dist.config import Section
 from gemb_dist.data.build import build_shards
+from gemb_dist.data.jsonl import read_jsonl
 from gemb_dist.data.manifest import load_manifest
 from gemb_dist.data.reader import BadSample, ShardReader
 from gemb_dist.data.storage import Storage
@@ -106,14 +107,8 @@ def read_passages(location: str) -> list[str]:
         return [line.strip() for line in Path(location).read_text(encoding="utf-8").splitlines() if line.strip()]
     if location.endswith(".jsonl"):
         passages = []
-        for number, line in enumerate(Path(location).read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{location}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        for number, record in read_jsonl(location):
+            if not isinstance(record.get("text"), str):
                 raise ValueError(f"{location}:{number}: an extra-corpus line must be an object with a string `text`")
             if not record["text"].strip():
                 raise ValueError(f"{location}:{number}: field 'text' is empty")
