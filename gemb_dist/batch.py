@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -23,10 +24,18 @@ def text_keys(texts: list[str]) -> torch.Tensor:
 
 @dataclass
 class TextBatch:
-    """Tokenized texts of one side: `input_ids_NL`, `attention_mask_NL` (1 = real token)."""
+    """Tokenized texts of one side: `input_ids_NL`, `attention_mask_NL` (1 = real token), and how they are padded:
+    `padding_side` (the tokenizer's, never guessed from the tensors) and `pad_token_id`. A row whose mask is all
+    zero is an absent text (a query with fewer hard negatives than slots), never a tokenized empty string."""
 
     input_ids: torch.Tensor  # [N, L] int64
     attention_mask: torch.Tensor  # [N, L] int64
+    padding_side: Literal["left", "right"] = "right"
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"TextBatch.padding_side must be 'left' or 'right', got {self.padding_side!r}")
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

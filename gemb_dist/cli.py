@@ -12,8 +12,10 @@ SUBCOMMANDS = {
     "data": "gemb_dist.data.cli",
     "eval": "gemb_dist.evaluate.cli",
     "export": "gemb_dist.export",
+    "mine": "gemb_dist.mining_cli",
     "mlflow": "gemb_dist.train.mlflow_sync",
     "plan": "gemb_dist.plan_cli",
+    "synthesize": "gemb_dist.synthesize_cli",
 }
 
 

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from gemb_dist.batch import TextBatch, TrainBatch
+from gemb_dist.chunking import Chunk, _flat_sources, _match_chunk_count, plan_chunks
 from gemb_dist.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
-    all_reduce_max_int,
     get_rank,
     get_world_size,
     raise_if_any_rank,
@@ -42,25 +42,6 @@ from gemb_dist.loss import LossOutput, contrastive_loss
 EncodeFn = Callable[[TextBatch], torch.Tensor]  # TextBatch [N, L] -> reps [N, D]
 BackwardFn = Callable[[torch.Tensor, bool], Any]  # (loss, last backward of the step?)
 ContextFactory = Callable[[], contextlib.AbstractContextManager]
-
-
-@dataclass
-class Chunk:
-    """Texts encoded together: `rows` index the flat list (queries, then positives, then negatives).
-
-    A filler chunk (no rows) only keeps ranks in step: see `_match_chunk_count`.
-    """
-
-    rows: torch.Tensor  # [n] int64
-    texts: TextBatch  # [n, L_chunk], L_chunk = the longest text of the chunk
-
-    @property
-    def is_filler(self) -> bool:
-        return len(self.rows) == 0
-
-    @property
-    def num_padded_tokens(self) -> int:
-        return self.texts.input_ids.numel()
 
 
 @dataclass
@@ -74,104 +55,6 @@ class StepOutput:
     num_real_tokens: int
     num_padded_tokens: int
     num_chunks: int
-
-
-def _flat_sources(batch: TrainBatch) -> list[TextBatch]:
-    sources = [batch.query, batch.positive]
-    if batch.negatives is not None and batch.num_negatives > 0:
-        sources.append(batch.negatives)
-    return sources
-
-
-def plan_chunks(
-    batch: TrainBatch, chunk_size: int, chunk_tokens: int | None = None, *, sort_by_length: bool = True
-) -> list[Chunk]:
-    """Pack the batch's texts into chunks of at most `chunk_size` texts and `chunk_tokens` padded tokens.
-
-    Texts are taken longest first (arrival order when `sort_by_length=False`); a chunk is closed when
-    the next text would break the count cap or the token budget (a single text longer than the budget
-    gets a chunk of its own). Absent hard negatives (`negatives_mask` False) are not encoded.
-    """
-    if chunk_size <= 0 or (chunk_tokens is not None and chunk_tokens <= 0):
-        raise ValueError(f"gradcache: chunk_size and chunk_tokens must be > 0, got {chunk_size}, {chunk_tokens}")
-    sources = _flat_sources(batch)
-    lengths = torch.cat([s.lengths for s in sources]).tolist()
-    present = [True] * (2 * len(batch))
-    if len(sources) == 3:
-        mask = batch.negatives_mask
-        present += [True] * len(batch.negatives) if mask is None else mask.reshape(-1).tolist()
-    rows = [i for i in range(len(lengths)) if present[i]]
-    if sort_by_length:
-        rows.sort(key=lambda i: -lengths[i])  # stable: ties keep arrival order
-
-    groups: list[list[int]] = []
-    width = 0
-    for i in rows:
-        new_width = max(width, lengths[i], 1)
-        full = groups and (
-            len(groups[-1]) >= chunk_size
-            or (chunk_tokens is not None and new_width * (len(groups[-1]) + 1) > chunk_tokens)
-        )
-        if not groups or full:
-            groups.append([])
-            new_width = max(lengths[i], 1)
-        groups[-1].append(i)
-        width = new_width
-    layouts = [_padding_layout(s) for s in sources]
-    return [_build_chunk(sources, layouts, g, max(max(lengths[i] for i in g), 1)) for g in groups]
-
-
-def _padding_layout(source: TextBatch) -> tuple[bool, int]:
-    """(left padded?, pad token id) of one side; texts keep the side their tokenizer padded them on."""
-    pad_positions = source.attention_mask == 0
-    left_padded = bool(pad_positions[:, 0].any())  # left-padding tokenizers put the real tokens last
-    pad_id = int(source.input_ids[pad_positions][0]) if pad_positions.any() else 0
-    return left_padded, pad_id
-
-
-def _build_chunk(sources: list[TextBatch], layouts: list[tuple[bool, int]], rows: list[int], width: int) -> Chunk:
-    """Copy the chunk's rows out of their sides, each cut (or padded) to `width` on its padding side."""
-    first = sources[0].input_ids
-    ids_NL = torch.empty(len(rows), width, dtype=first.dtype, device=first.device)
-    mask_NL = torch.empty(len(rows), width, dtype=sources[0].attention_mask.dtype, device=first.device)
-    offset = 0
-    rows_t = torch.tensor(rows, dtype=torch.int64)
-    for source, (left_padded, pad_id) in zip(sources, layouts, strict=True):
-        in_source = (rows_t >= offset) & (rows_t < offset + len(source))
-        if in_source.any():
-            picked = (rows_t[in_source] - offset).to(first.device)
-            ids, mask = source.input_ids[picked], source.attention_mask[picked]
-            length = ids.shape[1]
-            if length >= width:  # every picked text fits: drop padding columns only
-                cols = slice(length - width, length) if left_padded else slice(0, width)
-                ids, mask = ids[:, cols], mask[:, cols]
-            else:  # a narrower side joins longer texts: pad it on its own padding side
-                extra = (width - length, 0) if left_padded else (0, width - length)
-                ids = torch.nn.functional.pad(ids, extra, value=pad_id)
-                mask = torch.nn.functional.pad(mask, extra, value=0)
-            ids_NL[in_source.to(first.device)] = ids
-            mask_NL[in_source.to(first.device)] = mask
-        offset += len(source)
-    return Chunk(rows=rows_t, texts=TextBatch(input_ids=ids_NL, attention_mask=mask_NL))
-
-
-def _match_chunk_count(chunks: list[Chunk]) -> list[Chunk]:
-    """Pad with filler chunks so every rank runs the same number of forward and backward passes.
-
-    Under ZeRO-3 each pass gathers the partitioned parameters, a collective every rank must join; ranks
-    whose batches differ in present hard negatives or in text lengths plan different chunk counts. A
-    filler encodes the shortest text again and back-propagates a zero gradient: it changes nothing.
-    """
-    missing = all_reduce_max_int(len(chunks)) - len(chunks)
-    if missing <= 0:
-        return chunks
-    shortest = chunks[-1].texts  # chunks are planned longest first
-    length = max(int(shortest.lengths[-1]), 1)
-    ids, mask = shortest.input_ids[-1:], shortest.attention_mask[-1:]
-    real_cols = mask[0].nonzero().flatten()
-    cols = slice(int(real_cols[0]), int(real_cols[0]) + length) if len(real_cols) else slice(0, 1)
-    filler = Chunk(rows=torch.empty(0, dtype=torch.int64), texts=TextBatch(ids[:, cols], mask[:, cols]))
-    return chunks + [filler] * missing
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:

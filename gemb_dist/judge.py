@@ -1,8 +1,9 @@
 """An LLM relevance judge over any OpenAI-compatible chat-completions endpoint (vLLM, TGI, hosted APIs).
 
 Two scoring prompts, graded relevance and a query-likelihood style prompt, each rank a query's candidates;
-reciprocal rank fusion combines the two rankings. Transport, retries, the on-disk cache keyed by
-(model, prompt, query, passage) and the counters are `gemb_dist.llm_client.ChatClient`'s.
+reciprocal rank fusion combines the two rankings. Transport, retries, the on-disk cache (keyed by endpoint, whole
+request and prompt version; only answers holding a score are cached) and the counters are
+`gemb_dist.llm_client.ChatClient`'s.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ class ScoringPrompt:
     name: str
     template: str  # placeholders {query} and {passage}
     max_score: int
+    version: int = 1  # bump when the way an answer is read changes without the template text changing
+
+    @property
+    def template_version(self) -> str:
+        return f"judge/{self.name}/v{self.version}"
 
 
 GRADED_RELEVANCE = ScoringPrompt(
@@ -122,7 +128,8 @@ def parse_score(content: str, max_score: int) -> float | None:
 
 class JudgeClient:
     """Scores (query, passage) pairs with the configured prompts. Construct it at job start: an unusable endpoint
-    fails there, naming its URL. A malformed answer is an unjudged verdict, counted in `malformed`."""
+    fails there, naming its URL. A malformed answer (no score in range) is an unjudged verdict, counted in
+    `malformed` and not cached; a failed request is an unjudged verdict counted by the chat client."""
 
     def __init__(self, config: JudgeConfig):
         self.config = config
@@ -132,7 +139,11 @@ class JudgeClient:
         self._lock = threading.Lock()
 
     def judge_one(self, prompt: ScoringPrompt, query: str, passage: str) -> Judgment:
-        completion = self.chat.complete(prompt.template.format(query=query, passage=passage))
+        completion = self.chat.complete(
+            prompt.template.format(query=query, passage=passage),
+            template_version=prompt.template_version,
+            well_formed=lambda content: parse_score(content, prompt.max_score) is not None,
+        )
         if completion.status == "failed":
             return Judgment(score=None, status="failed")
         score = parse_score(completion.content, prompt.max_score) if completion.status == "ok" else None

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 
 from gemb_dist.batch import text_key
 from gemb_dist.config import Section
+from gemb_dist.evaluate.metrics import normalize_rows
 
 
 class EncoderConfig(Section):
@@ -56,12 +57,6 @@ class MiningConfig(Section):
 
 
 # ------------------------------------------------------------------------------------------------ embedding
-def _l2_normalize(reps_ND: np.ndarray) -> np.ndarray:
-    reps_ND = np.asarray(reps_ND, dtype=np.float32)
-    norms_N1 = np.linalg.norm(reps_ND, axis=1, keepdims=True)
-    return reps_ND / np.maximum(norms_N1, 1e-12)
-
-
 class EmbeddingPool:
     """Embeds texts through the evaluation encoders (`gemb_dist.evaluate.encoders`): on `num_actors` Ray actors
     when Ray is initialised in this process (`backend == "ray"`), else in this process (`backend == "local"`).
@@ -81,7 +76,8 @@ class EmbeddingPool:
     def encode(self, texts: Sequence[str], *, is_query: bool, task: str | None = None) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.encoder.dim), dtype=np.float32)
-        return _l2_normalize(self.encoder.encode(list(texts), is_query=is_query, task=task))
+        reps_ND = self.encoder.encode(list(texts), is_query=is_query, task=task)
+        return normalize_rows(np.asarray(reps_ND, dtype=np.float32))
 
     def close(self) -> None:
         close = getattr(self.encoder, "close", None)

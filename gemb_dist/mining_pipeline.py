@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from gemb_dist.batch import text_key
 from gemb_dist.config import Section
 from gemb_dist.data.build import build_shards
+from gemb_dist.data.jsonl import read_jsonl
 from gemb_dist.data.manifest import load_manifest
 from gemb_dist.data.reader import BadSample, ShardReader
 from gemb_dist.data.storage import Storage
@@ -60,6 +61,14 @@ class MineJobConfig(Section):
     judge: JudgeConfig | None = Field(None, description="LLM judge endpoint; needed by rerank and filter_pairs.")
     rerank: bool = Field(False, description="LLM re-rank the surviving candidates; negatives only from the irrelevant.")
     rerank_depth: int = Field(20, gt=0, description="Surviving candidates per query sent to the judge.")
+    rerank_max_unjudged_fraction: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Fraction of re-ranked queries that may get no judgement at all (every request for their "
+        "candidates failed or was malformed) before the job fails naming the count; such queries get no mined "
+        "negatives and are counted in the report (rerank.unjudged_queries).",
+    )
     filter_pairs: bool = Field(False, description="Drop (query, positive) pairs the LLM judges irrelevant.")
     samples_per_shard: int = Field(10_000, gt=0, description="Samples per written shard.")
     mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -98,15 +107,11 @@ def read_passages(location: str) -> list[str]:
         return [line.strip() for line in Path(location).read_text(encoding="utf-8").splitlines() if line.strip()]
     if location.endswith(".jsonl"):
         passages = []
-        for number, line in enumerate(Path(location).read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{location}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        for number, record in read_jsonl(location):
+            if not isinstance(record.get("text"), str):
                 raise ValueError(f"{location}:{number}: an extra-corpus line must be an object with a string `text`")
+            if not record["text"].strip():
+                raise ValueError(f"{location}:{number}: field 'text' is empty")
             passages.append(record["text"])
         return passages
     return [text for s in read_samples(location) for text in (s["positive"], *s["negatives"])]
@@ -155,10 +160,12 @@ def mine_negatives(
     config: MiningConfig,
     judge: JudgeClient | None = None,
     rerank_depth: int = 20,
+    max_unjudged_fraction: float = 0.0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Samples with `negatives` filled (same order, same ids) and a report of what was dropped and the scores.
     With `judge`, the first `rerank_depth` surviving candidates are judged and negatives come only from those
-    judged irrelevant, hardest (best fused rank) first."""
+    judged irrelevant, hardest (best fused rank) first; a query none of whose candidates got a judgement is
+    counted, and more than `max_unjudged_fraction` of them is a ValueError naming the count."""
     timings: dict[str, float] = {}
     corpus = Corpus(samples, extra_passages)
     start = time.perf_counter()
@@ -200,6 +207,7 @@ def mine_negatives(
     rerank_report = None
     if judge is not None:
         orders, rerank_report = _rerank(samples, selections, corpus, judge, rerank_depth)
+        _check_unjudged(rerank_report, len(samples), max_unjudged_fraction, judge)
 
     mined, negative_scores, margins, counts = [], [], [], Counter()
     for sample, selection, order, positive_score in zip(samples, selections, orders, positive_scores, strict=True):
@@ -238,11 +246,24 @@ def _rerank(samples, selections, corpus: Corpus, judge: JudgeClient, depth: int)
     results = judge.judge_candidates(items)
     orders = [[i for i in r.fused_order() if r.irrelevant[i]] for r in results]
     report = {
+        # A query with candidates but not one judgement would otherwise look like "nothing was irrelevant".
+        "unjudged_queries": sum(1 for r in results if r.judged and not any(r.judged)),
         "judged_candidates": sum(sum(r.judged) for r in results),
         "unjudged_candidates": sum(len(r.judged) - sum(r.judged) for r in results),
         "irrelevant_candidates": sum(sum(r.irrelevant) for r in results),
     }
     return orders, report
+
+
+def _check_unjudged(report: dict[str, Any], num_queries: int, max_fraction: float, judge: JudgeClient) -> None:
+    unjudged = report["unjudged_queries"]
+    if unjudged > max_fraction * num_queries:
+        counters = judge.metrics(prefix="")
+        raise ValueError(
+            f"LLM re-ranking got no judgement for {unjudged} of {num_queries} queries "
+            f"(rerank_max_unjudged_fraction={max_fraction}); judge {judge.config.base_url}: "
+            f"{int(counters['failed'])} failed requests, {int(counters['malformed'])} malformed answers"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -286,7 +307,13 @@ def run_mining(config: MineJobConfig, pool: EmbeddingPool | None = None) -> dict
         pool = EmbeddingPool(config.encoder) if own_pool else pool
         try:
             mined, mining_report = mine_negatives(
-                samples, extra, pool, config.mining, judge if config.rerank else None, config.rerank_depth
+                samples,
+                extra,
+                pool,
+                config.mining,
+                judge if config.rerank else None,
+                config.rerank_depth,
+                config.rerank_max_unjudged_fraction,
             )
         finally:
             if own_pool:

@@ -141,7 +141,8 @@ class EmbeddingModel(nn.Module):
             max_length=max_length or self.config.max_length,
             return_tensors="pt",
         )
-        return TextBatch(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+        pad_id = self.tokenizer.pad_token_id or 0
+        return TextBatch(encoded["input_ids"], encoded["attention_mask"], self.tokenizer.padding_side, pad_id)
 
     def format_queries(self, texts: Sequence[str], task: str | None = None) -> list[str]:
         """Apply the task's query template (documents never get one)."""

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 
 def format_query(text: str, task: str | None, prompts: Mapping[str, str], default_prompt: str = "{text}") -> str:
     """Apply the template of `task` (or `default_prompt`) to one query text."""
     template = prompts.get(task, default_prompt) if task is not None else default_prompt
     return template.replace("{text}", text)
-
-
-def format_queries(
-    texts: Sequence[str], task: str | None, prompts: Mapping[str, str], default_prompt: str = "{text}"
-) -> list[str]:
-    return [format_query(t, task, prompts, default_prompt) for t in texts]

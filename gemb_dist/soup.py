@@ -24,7 +24,6 @@ import shutil
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +35,7 @@ from safetensors import safe_open
 
 from gemb_dist.config import MLflowConfig, Section
 from gemb_dist.evaluate import TASK_METRICS
-from gemb_dist.model import BACKBONE_CONFIG_NAME, GEMB_CONFIG_NAME, PROJECTION_KEYS, WEIGHTS_NAME
+from gemb_dist.model import BACKBONE_CONFIG_NAME, GEMB_CONFIG_NAME, PROJECTION_KEYS, WEIGHTS_NAME, atomic_dir
 
 # Fields of config.json that record where or with which library version a model was saved, not what it is.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash"}
@@ -422,27 +421,6 @@ class SoupResult:
     lineage: dict[str, Any]
 
 
-@contextmanager
-def _atomic_dir(target: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temp dir beside `target`; on success it replaces `target`, on failure it is removed."""
-    if target.exists() and not overwrite:
-        raise ValueError(f"output_dir {target} already exists (set overwrite: true to replace it)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def held_out_scorer(held_out: HeldOutConfig) -> Callable[[Path], float]:
     """Score of a model dir on the held-out tasks: `held_out.metric` at `held_out.dim`."""
     from gemb_dist.evaluate.encoders import load_encoder
@@ -502,7 +480,9 @@ def make_soup(config: SoupConfig, score_fn: Callable[[Path], float] | None = Non
     export, and write `config.output_dir` atomically; a failure leaves no output dir behind."""
     target = Path(config.output_dir)
     tracking_uri = (config.mlflow.tracking_uri if config.mlflow else None) or os.environ.get("MLFLOW_TRACKING_URI")
-    with _atomic_dir(target, config.overwrite) as tmp:
+    if target.exists() and not config.overwrite:
+        raise ValueError(f"output_dir {target} already exists (set overwrite: true to replace it)")
+    with atomic_dir(target) as tmp:
         with tempfile.TemporaryDirectory(prefix=f".{target.name}.scratch-", dir=target.parent) as scratch:
             model_dirs = [
                 resolve_ingredient(ingredient, Path(scratch), n, tracking_uri)

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from gemb_dist.batch import text_key
 from gemb_dist.config import Section
-from gemb_dist.llm_client import ChatClient, LLMEndpointConfig
+from gemb_dist.llm_client import ChatClient, Completion, LLMEndpointConfig
 
 RETRIEVAL_TEMPLATE = (
     "<passage>{passage}</passage>\n"
@@ -29,6 +29,7 @@ COUNTERFACTUAL_TEMPLATE = (
     '("I wish it had...", "if only...", "it would have been better if..."); a factual one states what is.\n'
     'Reply with a JSON array of {num} objects {{"text": ..., "label": ...}} and nothing else.'
 )
+TEMPLATE_VERSION = 1  # bump when answers are read differently with the same template text
 _JSON_ARRAY = re.compile(r"\[.*\]", re.S)
 
 
@@ -117,7 +118,7 @@ def synthesize(
     samples: list[dict[str, Any]] = []
     report: dict[str, Any] = {"num_passages": len(passages), "tasks": {}}
     for task in tasks:
-        completions = client.map(lambda p, task=task: client.complete(task.prompt(p)), passages)
+        completions = client.map(lambda p, task=task: _generate(client, task, p), passages)
         counts: Counter[str] = Counter()
         seen: set[str] = set()
         for passage, completion in zip(passages, completions, strict=True):
@@ -138,6 +139,15 @@ def synthesize(
         report["tasks"][task.name] = dict(sorted(counts.items()))
     report["num_samples"] = len(samples)
     return samples, report
+
+
+def _generate(client: ChatClient, task: SynthesisTask, passage: str) -> Completion:
+    # Only answers holding a JSON array are cached: a rambling answer is asked again on the next run.
+    return client.complete(
+        task.prompt(passage),
+        template_version=f"synthesis/{task.kind}/v{TEMPLATE_VERSION}",
+        well_formed=lambda content: parse_items(content) is not None,
+    )
 
 
 def _to_sample(

@@ -4,15 +4,18 @@ A real HTTP server on 127.0.0.1 with a deterministic scorer instead of a languag
 exercise real sockets, real JSON and real failure modes. It reads the `<query>`/`<passage>` tags of a prompt:
 - both present: a relevance score from token overlap, on the 0-3 or 0-100 scale the prompt asks for;
 - only `<passage>`: a generation request; it answers a JSON array built from the passage's words.
-Failures are scriptable: `script(["429", "500", "slow", "malformed_json", "malformed_content"])` applies one
-action per coming request in order; `fail_when(substring, action)` applies an action to every request whose
-prompt contains `substring`.
+Failures are scriptable: `script(["429", "500", "400", "slow", "malformed_json", "malformed_content",
+"reset_mid_body"])` applies one action per coming request in order; `fail_when(substring, action)` applies an
+action to every request whose prompt contains `substring`. With `api_key`, requests without that bearer key get
+401 (as vLLM started with --api-key answers). Only /v1/models and /v1/chat/completions exist; any other path is 404.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -65,8 +68,15 @@ def default_generation(prompt_text: str) -> str:
 class LLMDouble:
     """Start with `with LLMDouble() as llm:`; `llm.base_url` is the `/v1` root; counters are thread-safe."""
 
-    def __init__(self, model: str = "double-judge", slow_s: float = 2.0, generator: Callable[[str], str] | None = None):
+    def __init__(
+        self,
+        model: str = "double-judge",
+        slow_s: float = 2.0,
+        generator: Callable[[str], str] | None = None,
+        api_key: str | None = None,
+    ):
         self.model = model
+        self.api_key = api_key
         self.slow_s = slow_s
         self.generator = generator or default_generation
         self.lock = threading.Lock()
@@ -86,6 +96,19 @@ class LLMDouble:
     def base_url(self) -> str:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}/v1"
+
+    def reset_counts(self) -> None:
+        """Forget the requests seen so far (tests call it after a client's start-up probe)."""
+        with self.lock:
+            self.num_chat_requests = self.num_model_requests = self.max_in_flight = 0
+            self.prompts.clear()
+            self.auth_headers.clear()
+
+    def heal(self) -> None:
+        """Drop every scripted failure and rule: from now on the double answers well."""
+        with self.lock:
+            self._script.clear()
+            self._rules.clear()
 
     def script(self, actions: list[str]) -> None:
         with self.lock:
@@ -139,7 +162,15 @@ class LLMDouble:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                     pass
 
+            def _authorized(self) -> bool:
+                if double.api_key is None or self.headers.get("Authorization") == f"Bearer {double.api_key}":
+                    return True
+                self._send(401, b'{"error": {"message": "invalid api key", "code": 401}}')
+                return False
+
             def do_GET(self) -> None:
+                if not self._authorized():
+                    return
                 if self.path.rstrip("/") != "/v1/models":
                     self._send(404, b'{"error": "not found"}')
                     return
@@ -155,6 +186,8 @@ class LLMDouble:
                     return
                 with double.lock:
                     double.auth_headers.append(self.headers.get("Authorization"))
+                if not self._authorized():
+                    return
                 prompt_text = request["messages"][-1]["content"]
                 action = double._next_action(prompt_text)
                 with double.lock:
@@ -171,6 +204,10 @@ class LLMDouble:
                     self._send(429, b'{"error": "rate limited"}', {"Retry-After": "0"})
                 elif action == "500":
                     self._send(500, b'{"error": "internal"}')
+                elif action == "400":
+                    self._send(400, b'{"error": {"message": "bad request"}}')
+                elif action == "reset_mid_body":
+                    self._reset_mid_body()
                 elif action == "malformed_json":
                     self._send(200, b'{"choices": [ not json')
                 else:
@@ -189,5 +226,17 @@ class LLMDouble:
                         "usage": usage,
                     }
                     self._send(200, json.dumps(body).encode())
+
+            def _reset_mid_body(self) -> None:
+                # Headers promise 4096 bytes; 20 arrive, then an RST (SO_LINGER 0) instead of the rest.
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", "4096")
+                self.end_headers()
+                self.wfile.write(b'{"id": "chatcmpl-cut", ')
+                self.wfile.flush()
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.connection.close()
+                self.close_connection = True
 
         return Handler

@@ -51,7 +51,9 @@ def test_batches_are_tokenized_prompted_and_masked(tmp_path, tokenizer):
         prompt = "question: {}" if batch.tasks[0] == "qa" else "query: {}"
         queries = [reference(prompt.format(s["query"])) for s in samples]
         positives = [reference(s["positive"]) for s in samples]  # documents never get a prompt
-        negatives = [reference((s["negatives"] + ["", ""])[k]) for s in samples for k in range(2)]
+        # an absent negative is an all-padding row, not the tokens of "" ([CLS] [SEP] for this tokenizer)
+        negatives = [reference(s["negatives"][k]) if k < len(s["negatives"]) else ([], False)
+                     for s in samples for k in range(2)]  # fmt: skip
         assert rows(batch.query) == [ids for ids, _ in queries]
         assert rows(batch.positive) == [ids for ids, _ in positives]
         assert rows(batch.negatives) == [ids for ids, _ in negatives]
@@ -98,3 +100,59 @@ def test_long_texts_tokenize_as_in_full(tokenizer):
     assert torch.equal(batch.input_ids, reference["input_ids"])
     assert torch.equal(batch.attention_mask, reference["attention_mask"])
     assert truncated == sum(len(tokenizer(t)["input_ids"]) > 16 for t in texts)
+
+
+def _word_tokenizer():
+    """A right-padding word-level tokenizer that adds no special tokens (as Qwen2's adds none)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a cat dog sat on mat ran far away quickly home big small red blue".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", padding_side="right")
+
+
+def test_right_padding_without_special_tokens_keeps_every_present_negative_whole():
+    from gemb_dist.gradcache import plan_chunks
+
+    tokenizer = _word_tokenizer()
+    assert tokenizer("cat")["input_ids"] == [4]  # no special tokens: "" would be a row of padding only
+    samples = [
+        {"task": "t", "id": "0", "query": "the cat sat on the mat", "positive": "a cat sat on a big red mat",
+         "negatives": ["dog", "the dog ran far away quickly home"]},
+        {"task": "t", "id": "1", "query": "dog ran", "positive": "the dog ran home", "negatives": ["red"]},
+        {"task": "t", "id": "2", "query": "blue mat", "positive": "a small blue mat", "negatives": []},
+    ]  # fmt: skip
+    batch = Collator(tokenizer, max_length=32, num_negatives=2)(samples)
+    assert batch.negatives.padding_side == "right" and batch.negatives_mask.tolist() == [
+        [True, True],
+        [True, False],
+        [False, False],
+    ]
+    assert batch.negatives.attention_mask[[3, 4, 5]].sum() == 0  # absent: no tokens at all
+    flat = [*(s["query"] for s in samples), *(s["positive"] for s in samples)]
+    flat += [(s["negatives"] + [None, None])[k] for s in samples for k in range(2)]
+    for chunk_size in (1, 2, 3, 100):
+        seen = 0
+        for chunk in plan_chunks(batch, chunk_size):
+            for row, ids, mask in zip(
+                chunk.rows.tolist(), chunk.texts.input_ids, chunk.texts.attention_mask, strict=True
+            ):
+                assert flat[row] is not None, "an absent negative was encoded"
+                assert ids[mask.bool()].tolist() == tokenizer(flat[row])["input_ids"], (chunk_size, flat[row])
+                assert mask.tolist() == sorted(mask.tolist(), reverse=True)  # still padded on the right
+                seen += 1
+        assert seen == sum(t is not None for t in flat)
+
+
+def test_empty_texts_are_refused_naming_the_place():
+    good = {"task": "t", "query": "q", "positive": "p"}
+    for field, value in [("query", ""), ("positive", "  ")]:
+        with pytest.raises(ValueError, match=rf"in\.jsonl:3: field '{field}' is empty"):
+            validate_sample({**good, field: value}, "in.jsonl:3")
+    with pytest.raises(ValueError, match=r"in\.jsonl:4: field 'negatives\[1\]' is empty"):
+        validate_sample({**good, "negatives": ["n", ""]}, "in.jsonl:4")

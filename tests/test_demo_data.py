@@ -5,13 +5,16 @@ from __future__ import annotations
 import ast
 import csv
 import json
+import sys
 import tokenize
 from pathlib import Path
 
 import pytest
 
 from gemb_dist.data.schema import validate_sample
-from gemb_dist.demo_data import TASK, build_demo_data, main, split_docstring, stdlib_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "demo"))  # the quickstart's scripts
+from demo_data import TASK, build_demo_data, main, split_docstring, stdlib_dir  # noqa: E402
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from gemb_dist.demo_report import build_report, format_markdown, main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "demo"))  # the quickstart's scripts
+from demo_report import build_report, format_markdown, main  # noqa: E402
 
 
 def write_results(path: Path, ndcg_by_dim: dict[int, float], recall: float = 0.9) -> Path:

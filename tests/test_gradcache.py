@@ -46,7 +46,7 @@ def _side(lengths: list[int], gen: torch.Generator, left: bool = False) -> TextB
         cols = slice(width - n, width) if left else slice(0, n)
         ids[i, cols] = torch.randint(3, VOCAB, (n,), generator=gen)
         mask[i, cols] = 1
-    return TextBatch(ids, mask)
+    return TextBatch(ids, mask, padding_side="left" if left else "right")
 
 
 def make_batch(left: bool = False) -> TrainBatch:

@@ -25,6 +25,13 @@ CANDIDATES = [
 ]
 
 
+def started(llm: LLMDouble, tmp_path, **overrides) -> JudgeClient:
+    """A judge past its start-up probe, with the double's counters reset so tests count only their own requests."""
+    judge = JudgeClient(make_config(llm, tmp_path, **overrides))
+    llm.reset_counts()
+    return judge
+
+
 def make_config(llm: LLMDouble, tmp_path, **overrides) -> JudgeConfig:
     fields = {
         "base_url": llm.base_url,
@@ -49,7 +56,7 @@ def test_rrf_matches_hand_computed_values():
 
 def test_candidates_scored_by_both_prompts_and_fused(tmp_path):
     with LLMDouble() as llm:
-        judge = JudgeClient(make_config(llm, tmp_path, rrf_k=10))
+        judge = started(llm, tmp_path, rrf_k=10)
         (result,) = judge.judge_candidates([(QUERY, CANDIDATES)])
         judge.close()
     graded = [round(3 * containment(QUERY, c)) / 3 for c in CANDIDATES]
@@ -68,8 +75,8 @@ def test_candidates_scored_by_both_prompts_and_fused(tmp_path):
 @pytest.mark.parametrize("failure", ["429", "500"])
 def test_retries_on_rate_limit_and_server_error(tmp_path, failure):
     with LLMDouble() as llm:
+        judge = started(llm, tmp_path, max_concurrency=1)
         llm.script([failure, failure])
-        judge = JudgeClient(make_config(llm, tmp_path, max_concurrency=1))
         verdict = judge.judge_one(GRADED_RELEVANCE, QUERY, CANDIDATES[0])
     assert verdict.status == "ok" and verdict.score == pytest.approx(round(3 * containment(QUERY, CANDIDATES[0])) / 3)
     assert llm.num_chat_requests == 3
@@ -79,8 +86,8 @@ def test_retries_on_rate_limit_and_server_error(tmp_path, failure):
 def test_retry_after_header_is_honoured(tmp_path):
     # Retry-After 0 from the double overrides a long exponential backoff
     with LLMDouble() as llm:
+        judge = started(llm, tmp_path, backoff_base_s=30.0)
         llm.script(["429"])
-        judge = JudgeClient(make_config(llm, tmp_path, backoff_base_s=30.0))
         start = time.monotonic()
         assert judge.judge_one(GRADED_RELEVANCE, QUERY, CANDIDATES[1]).status == "ok"
     assert time.monotonic() - start < 5
@@ -88,8 +95,8 @@ def test_retry_after_header_is_honoured(tmp_path):
 
 def test_timeout_is_retried_then_gives_up_as_unjudged(tmp_path):
     with LLMDouble(slow_s=1.5) as llm:
+        judge = started(llm, tmp_path, timeout_s=0.3, max_retries=2)
         llm.script(["slow"])
-        judge = JudgeClient(make_config(llm, tmp_path, timeout_s=0.3, max_retries=2))
         assert judge.judge_one(GRADED_RELEVANCE, QUERY, CANDIDATES[0]).status == "ok"
         assert judge.chat.counters.timeouts == 1 and judge.chat.counters.retries == 1
         llm.fail_when("weather", "slow")
@@ -100,8 +107,8 @@ def test_timeout_is_retried_then_gives_up_as_unjudged(tmp_path):
 
 def test_too_many_failed_requests_stop_naming_the_url(tmp_path):
     with LLMDouble() as llm:
+        judge = started(llm, tmp_path, max_retries=0, max_failed_requests=1)
         llm.fail_when("<query>", "500")
-        judge = JudgeClient(make_config(llm, tmp_path, max_retries=0, max_failed_requests=1))
         assert judge.judge_one(GRADED_RELEVANCE, QUERY, CANDIDATES[0]).status == "failed"
         with pytest.raises(JudgeError, match=llm.base_url):
             judge.judge_one(GRADED_RELEVANCE, QUERY, CANDIDATES[1])
@@ -109,29 +116,29 @@ def test_too_many_failed_requests_stop_naming_the_url(tmp_path):
 
 def test_cache_survives_restart_with_zero_requests(tmp_path):
     with LLMDouble() as llm:
-        first = JudgeClient(make_config(llm, tmp_path))
+        first = started(llm, tmp_path)
         before = first.judge_candidates([(QUERY, CANDIDATES)])
         first.close()
         requests_after_first = llm.num_chat_requests
-        second = JudgeClient(make_config(llm, tmp_path))  # a new process would see the same file
+        second = started(llm, tmp_path)  # a new process would see the same file
         after = second.judge_candidates([(QUERY, CANDIDATES)])
         second.close()
     assert requests_after_first == 8
-    assert llm.num_chat_requests == requests_after_first  # zero chat requests the second time
+    assert llm.num_chat_requests == 0  # zero chat requests the second time
     assert after[0].fused == before[0].fused and after[0].scores == before[0].scores
     assert second.chat.counters.cache_hits == 8 and second.chat.counters.requests == 0
     # the cache key includes the model: another model is judged afresh
     with LLMDouble(model="other-model") as llm2:
-        third = JudgeClient(make_config(llm2, tmp_path, model="other-model"))
+        third = started(llm2, tmp_path, model="other-model")
         third.judge_one(QUERY_LIKELIHOOD, QUERY, CANDIDATES[0])
     assert llm2.num_chat_requests == 1
 
 
 def test_malformed_answers_are_counted_not_fatal(tmp_path):
     with LLMDouble() as llm:
+        judge = started(llm, tmp_path)
         llm.fail_when("weather", "malformed_content")
         llm.fail_when("lazily", "malformed_json")
-        judge = JudgeClient(make_config(llm, tmp_path))
         (result,) = judge.judge_candidates([(QUERY, CANDIDATES)])
     assert judge.malformed == 4  # two candidates x two prompts
     assert judge.chat.counters.malformed_responses == 2  # the two bodies that were not JSON
@@ -146,7 +153,7 @@ def test_unreachable_endpoint_fails_at_start_naming_the_url(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    with pytest.raises(JudgeError, match=f"{url}/models is unreachable"):
+    with pytest.raises(JudgeError, match=f"{url}/chat/completions is unreachable"):
         JudgeClient(JudgeConfig(base_url=url, model="m", timeout_s=2.0))
 
 
@@ -161,14 +168,14 @@ def test_key_comes_from_the_environment_never_from_config(tmp_path, monkeypatch)
         build_config({"base_url": "http://x/v1", "model": "m", "api_key": "sk-secret"}, cls=JudgeConfig)
     monkeypatch.setenv("GEMB_TEST_JUDGE_KEY", "sk-from-env")
     with LLMDouble() as llm:
-        judge = JudgeClient(make_config(llm, tmp_path, api_key_env="GEMB_TEST_JUDGE_KEY"))
+        judge = started(llm, tmp_path, api_key_env="GEMB_TEST_JUDGE_KEY")
         judge.judge_one(GRADED_RELEVANCE, QUERY, CANDIDATES[0])
     assert llm.auth_headers == ["Bearer sk-from-env"]
 
 
 def test_concurrency_limit_is_respected(tmp_path):
     with LLMDouble(slow_s=0.3) as llm:
+        judge = started(llm, tmp_path, max_concurrency=3)
         llm.fail_when("<query>", "slow")  # every request takes 0.3 s, so requests overlap if allowed
-        judge = JudgeClient(make_config(llm, tmp_path, max_concurrency=3))
         judge.judge_pairs([(QUERY, c) for c in CANDIDATES * 2], GRADED_RELEVANCE)
     assert llm.max_in_flight == 3

@@ -188,6 +188,24 @@ def test_llm_rerank_takes_negatives_from_the_judged_irrelevant_part(dataset, poo
             assert round(3 * containment(sample["query"], negative)) <= 1
 
 
+def test_rerank_without_judgement_is_counted_and_over_the_threshold_fails(dataset, pool):
+    root, pairs, _ = dataset
+    blind = pairs[0]["query"]
+    with LLMDouble() as llm:
+        llm.fail_when(f"<query>{blind}</query>", "400")  # every request about this query fails
+        judge = JudgeConfig(base_url=llm.base_url, model=llm.model, max_failed_requests=100, backoff_base_s=0.01)
+        update = {"judge": judge, "rerank": True, "rerank_depth": 4}
+        strict = mine_config(root, "out_blind_strict", sampling="top").model_copy(update=update)
+        with pytest.raises(ValueError, match=r"no judgement for 1 of 24 queries .*8 failed requests"):
+            run_mining(strict, pool)
+        assert not (root / "out_blind_strict" / "manifest.json").exists()
+        update["rerank_max_unjudged_fraction"] = 0.05
+        report = run_mining(mine_config(root, "out_blind", sampling="top").model_copy(update=update), pool)
+    assert report["rerank"]["unjudged_queries"] == 1 and report["judge"]["failed"] == 8  # 4 candidates x 2 prompts
+    mined = {s["query"]: s for s in read_samples(str(root / "out_blind"))}
+    assert mined[blind]["negatives"] == [] and sum(1 for s in mined.values() if s["negatives"]) > 10
+
+
 def test_pair_filter_drops_pairs_judged_irrelevant(dataset, pool):
     root, pairs, _ = dataset
     # the first three pairs get an unrelated positive: those are the noisy pairs the filter must drop
@@ -236,7 +254,7 @@ def test_unreachable_judge_fails_before_any_work(dataset):
     config = mine_config(root, "out_never").model_copy(
         update={"judge": JudgeConfig(base_url=url, model="m", timeout_s=2.0), "rerank": True}
     )
-    with pytest.raises(JudgeError, match=f"{url}/models is unreachable"):
+    with pytest.raises(JudgeError, match=f"{url}/chat/completions is unreachable"):
         run_mining(config)
     assert not (root / "out_never").exists()
 

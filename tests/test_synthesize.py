@@ -39,7 +39,8 @@ def job_config(llm: LLMDouble, tmp_path, output: str, **fields) -> SynthesizeJob
 def test_generates_validated_deduplicated_shards_tagged_synthetic(tmp_path):
     with LLMDouble() as llm:
         report = run_synthesis(job_config(llm, tmp_path, "out"))
-        assert llm.num_chat_requests == 2 * len(PASSAGES)  # the repeated passage is asked about once
+        # the repeated passage is asked about once; one more request is the start-up probe
+        assert llm.num_chat_requests == 2 * len(PASSAGES) + 1
     samples = read_samples(str(tmp_path / "out"))
     assert len(samples) == report["num_samples"] > 0
     assert all("synthetic" in s["task"] and s["id"].startswith("synthetic-") for s in samples)
@@ -83,7 +84,8 @@ def test_rerun_is_served_from_the_cache(tmp_path):
         run_synthesis(job_config(llm, tmp_path, "first"))
         first_requests = llm.num_chat_requests
         report = run_synthesis(job_config(llm, tmp_path, "second"))
-    assert llm.num_chat_requests == first_requests and report["llm"]["cache_hits"] == first_requests
+    # the second run sends only its start-up probe (never cached: it checks that the endpoint answers now)
+    assert llm.num_chat_requests == first_requests + 1 and report["llm"]["cache_hits"] == first_requests - 1
     assert read_samples(str(tmp_path / "first")) == read_samples(str(tmp_path / "second"))
 
 
@@ -94,7 +96,7 @@ def test_unreachable_endpoint_fails_at_start_naming_the_url(tmp_path):
     with LLMDouble() as llm:
         config = job_config(llm, tmp_path, "out")
     config.llm = LLMEndpointConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_s=2)
-    with pytest.raises(LLMEndpointError, match=f"http://127.0.0.1:{port}/v1/models is unreachable"):
+    with pytest.raises(LLMEndpointError, match=f"http://127.0.0.1:{port}/v1/chat/completions is unreachable"):
         run_synthesis(config)
     assert not (tmp_path / "out").exists()
 

@@ -73,7 +73,7 @@ step_services() {
 
 step_data() {
   step "data: (title, passage) pairs from the standard library's docstrings"
-  "$PY" -m gemb_dist.demo_data --output "$DEMO_DIR/source"
+  "$PY" recipes/demo/demo_data.py --output "$DEMO_DIR/source"
   step "data: write the training pairs as WebDataset shards"
   rm -rf "$DEMO_DIR/shards"
   gemb data build --input "$DEMO_DIR/source/train.jsonl" --output "$DEMO_DIR/shards" --samples-per-shard 256
@@ -196,7 +196,7 @@ EOF
   local args=() name
   for name in "${MODELS[@]}"; do args+=(--result "$name=$DEMO_DIR/eval/$RUN_NAME/$name.json"); done
   for name in "${FT_RUNS[@]}"; do args+=(--ingredient "$name"); done
-  "$PY" -m gemb_dist.demo_report "${args[@]}" --soup soup \
+  "$PY" recipes/demo/demo_report.py "${args[@]}" --soup soup \
     --out-md "$DEMO_DIR/report.md" --out-json "$DEMO_DIR/report.json"
   step "done"
 }

@@ -6,7 +6,6 @@ The trainer's interface::
     stream.steps_per_epoch      # global steps of the current epoch, identical on every rank
     for batch in stream:        # gemb_dist.batch.TrainBatch, this rank's data.global_batch_size // world_size rows,
         ...                     # from the current position to the end of the epoch; then the next epoch begins
-    stream.set_epoch(epoch)     # jump to the start of an epoch (no-op when already in it)
     stream.state_dict()         # epoch, steps consumed, carried remainder, layout: checkpoint it with the model
     stream.load_state_dict(s)   # resume right after the last consumed batch (re-partitions a changed layout)
     stream.stats                # cumulative counts: bad_samples, truncated_texts (+ per side), samples, remainder

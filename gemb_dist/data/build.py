@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterator
@@ -179,10 +178,3 @@ def _write_atomically(path: Path, payload: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def read_shard_samples(data: bytes) -> list[dict]:
-    """All samples of one shard's bytes, through a plain webdataset pipeline (a helper for checks and tests)."""
-    stream = io.BytesIO(data)
-    files = wds.tariterators.tar_file_expander([{"url": "<bytes>", "stream": stream}])
-    return [json.loads(s["json"]) for s in wds.tariterators.group_by_keys(files)]

@@ -57,16 +57,6 @@ class Position:
         self.epoch += 1
         self.step, self.generation, self.views = 0, 0, None
 
-    def set_epoch(self, epoch: int) -> None:
-        """Go to the start of `epoch` (no-op when already in it). Skipped epochs still carry their remainders;
-        going back replays the carries from epoch 0."""
-        if epoch == self.epoch:
-            return
-        if epoch < self.epoch:
-            self.epoch, self.step, self.generation, self.views, self.carry = 0, 0, 0, None, {}
-        while self.epoch < epoch:
-            self.advance_epoch()
-
     def state_dict(self) -> dict:
         return {
             "format": STATE_FORMAT,

@@ -153,9 +153,6 @@ class TrainStream:
         """Steps of the current epoch already consumed."""
         return self.planner.step
 
-    def set_epoch(self, epoch: int) -> None:
-        self.planner.set_epoch(epoch)
-
     def state_dict(self) -> dict:
         return self.planner.state_dict()
 

@@ -47,6 +47,8 @@ def validate_sample(raw: Any, where: str) -> dict[str, Any]:
     for i, negative in enumerate(negatives):
         if not isinstance(negative, str):
             raise ValueError(f"{where}: field 'negatives[{i}]' must be a string, got {type(negative).__name__}")
+        if not negative.strip():  # an absent negative is left out of the list, never written as ""
+            raise ValueError(f"{where}: field 'negatives[{i}]' is empty (leave absent negatives out of the list)")
     sample["negatives"] = list(negatives)
     sample_id = raw.get("id")
     if sample_id is not None and (not isinstance(sample_id, str) or not sample_id):

@@ -4,11 +4,12 @@ the file and line of bad input."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gemb_dist.data.jsonl import read_jsonl
 
 
 @dataclass
@@ -50,17 +51,7 @@ def _rows(path: Path, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """(line number, row) of a CSV, TSV (by suffix) or JSONL file; a CSV header must name every column, a
     missing value (short row, absent JSON field) reads as None for the caller to judge."""
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: invalid JSON: {err.msg}") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-                yield line_no, row
+        yield from read_jsonl(path)
         return
     delimiter = "\t" if path.suffix == ".tsv" else ","
     with open(path, encoding="utf-8", newline="") as f:

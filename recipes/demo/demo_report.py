@@ -1,6 +1,6 @@
 """The quickstart's final table: one row per model, one column per metric@dim, from `gemb eval --out` JSON files.
 
-    python -m gemb_dist.demo_report --result base=eval/base.json --result soup=eval/soup.json \
+    python recipes/demo/demo_report.py --result base=eval/base.json --result soup=eval/soup.json \
         --soup soup --ingredient finetune-a --ingredient finetune-b --out-md report.md --out-json report.json
 
 Rows keep the order given. With `--soup` and `--ingredient`, a verdict line per column says whether the soup beats

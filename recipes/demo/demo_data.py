@@ -6,7 +6,7 @@ is the rest of the docstring. Sources are parsed (never imported), so building h
 output is the same for the same Python version. A hashed split holds out pairs for evaluation as a BEIR-style
 retrieval set plus a labelled pairs file.
 
-    python -m gemb_dist.demo_data --output demo_out/data
+    python recipes/demo/demo_data.py --output demo_out/data
 """
 
 from __future__ import annotations
