@@ -43,9 +43,15 @@ export RAY_AUTH_MODE=token RAY_USAGE_STATS_ENABLED=0
 RAY_AUTH_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')
 export RAY_AUTH_TOKEN
 export RAY_ADDRESS=127.0.0.1:6379
-ray start --head --disable-usage-stats --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
-  --include-dashboard=true --num-cpus=2 --object-store-memory=300000000 > "$work/ray-start.log" 2>&1 \
-  || { tail -n 40 "$work/ray-start.log" >&2; exit 1; }
+# Ray gives its raylet a fixed 30 s to register; on a loaded machine it can miss that, so start up to 3 times
+# (`ray stop` here ends only this container's processes).
+for attempt in 1 2 3; do
+  ray start --head --disable-usage-stats --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
+    --include-dashboard=true --num-cpus=2 --object-store-memory=300000000 > "$work/ray-start.log" 2>&1 && break
+  step "ray start attempt $attempt failed: $(tail -n 1 "$work/ray-start.log")"
+  ray stop --force > /dev/null 2>&1 || true
+  [ "$attempt" != 3 ] || { tail -n 40 "$work/ray-start.log" >&2; exit 1; }
+done
 python -c 'import os; from gemb_dist.ray_ready import wait_for_job_api
 wait_for_job_api("http://127.0.0.1:8265", {"Authorization": "Bearer " + os.environ["RAY_AUTH_TOKEN"]})'
 
