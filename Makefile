@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint demo clean
+.PHONY: venv test test-fast lint demo clean image-base image image-smoke
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,24 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	bash cluster/local/demo.sh
+
+# The container image, built with podman, no daemon (cluster/image/image.py; README "Building the image").
+# `make image-base image image-smoke`: a Debian bookworm base from Debian packages, the CPU image on it, the smoke
+# inside it with no network. `make image IMAGE_VARIANT=gpu` builds the GPU image on the Dockerfile's CUDA base.
+IMAGE_VARIANT ?= cpu
+IMAGE_BASE ?= $(if $(filter cpu,$(IMAGE_VARIANT)),localhost/gemb-base:bookworm)
+# Default tag: gemb-dist:<pyproject version>-cpu, or -<the Dockerfile's TORCH_CUDA> for the GPU image.
+IMAGE_TAG ?=
+IMAGE_PY := python3 cluster/image/image.py
+
+image-base:
+	$(IMAGE_PY) base
+
+image:
+	$(IMAGE_PY) build --variant $(IMAGE_VARIANT) $(if $(IMAGE_BASE),--base $(IMAGE_BASE)) $(if $(IMAGE_TAG),--tag $(IMAGE_TAG))
+
+image-smoke:
+	$(IMAGE_PY) smoke $(if $(IMAGE_TAG),--tag $(IMAGE_TAG))
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

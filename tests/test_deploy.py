@@ -492,3 +492,27 @@ def test_dockerfile_versions_equal_pyproject_pins():
     assert f"{args['PYTHON_VERSION']}.0" in SpecifierSet(python_requirement)
     runs = " ".join(a for k, a in instructions if k == "RUN")
     assert ".[${extras}]" in runs and 'extras="gpu,server"' in runs, "install the project with its GPU extras"
+
+
+def test_manifests_run_the_tag_and_user_the_dockerfile_builds(rendered):
+    """The GPU image's tag is `<pyproject version>-<TORCH_CUDA>` (as `make image IMAGE_VARIANT=gpu` tags it), its last
+    user is the manifests' runAsUser, and the files every RayJob entrypoint names are copied under its WORKDIR."""
+    instructions = _dockerfile_instructions()
+    args = dict(a.split("=", 1) for k, a in instructions if k == "ARG" and "=" in a)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    (image,) = yaml.safe_load((KUBERAY / "kustomization.yaml").read_text())["images"]
+    assert image["newTag"] == f"{version}-{args['TORCH_CUDA']}", image
+    uid = re.search(r"useradd .*--uid (\d+)", " ".join(a for k, a in instructions if k == "RUN")).group(1)
+    assert [a for k, a in instructions if k == "USER"][-1] == f"{uid}:{uid}"
+    for where, pod in _pod_specs(rendered):
+        if "/" in where:  # Ray pods run the image's user
+            assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (int(uid),) * 2
+    workdir = [a for k, a in instructions if k == "WORKDIR"][-1]
+    copied = {dest.removeprefix("./").rstrip("/"): src.rstrip("/") for k, a in instructions if k == "COPY"
+              for *srcs, dest in [a.split()] for src in srcs}  # fmt: skip
+    assert workdir == "/app" and copied.get("jobs") == "jobs", "jobs/ lands in the working directory of `ray start`"
+    for job in _of_kind(rendered, "RayJob"):
+        named = [t for t in job["spec"]["entrypoint"].split() if t.endswith((".py", ".yaml"))]
+        assert named and all((ROOT / t).is_file() and t.startswith("jobs/") for t in named), job["metadata"]["name"]
+    console = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert console == {"gemb": "gemb_dist.cli:main"}, "the smoke and the README call `gemb`"
