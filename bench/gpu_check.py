@@ -38,11 +38,15 @@ QWEN2_TINY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, nu
                   num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
 
 
-def bring_wheels() -> str | None:
+WHEELS = {"pydantic": "pydantic-", "pydantic_core": "pydantic_core-", "annotated_types": "annotated_types-",
+          "typing_inspection": "typing_inspection-"}  # fmt: skip
+
+
+def bring_wheels(missing: list[str] | None = None) -> str | None:
     """Unpack the carried wheels of the missing modules; returns the dir put on sys.path (None if none needed)."""
-    needed = {"pydantic": "pydantic-", "pydantic_core": "pydantic_core-", "annotated_types": "annotated_types-",
-              "typing_inspection": "typing_inspection-"}  # fmt: skip
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    needed = WHEELS
+    if missing is None:
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if not missing:
         return None
     wheels = BENCH / ".gpu_wheels"
