@@ -95,7 +95,11 @@ def autocast(spec: dict):
 
 def build_peer(spec: dict):
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+
+    try:  # sentence-transformers >= 6 moved the losses; a GPU image may carry an older release
+        from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
+    except ImportError:
+        from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
 
     torch.manual_seed(0)
     model = SentenceTransformer(spec["model_path"], device=spec["device"])
