@@ -101,6 +101,7 @@ def throughput(device: str, dry_run: bool, peak_tflops: float, timeout: float) -
         cmd = [sys.executable, str(BENCH / "peer.py"), "--model", model_dir, "--systems", "peer,library",
                "--device", device, "--precision", "bf16", "--global-batch", str(batch), "--chunk", str(chunk),
                "--max-length", str(length), "--steps", str(steps), "--rounds", "1",
+               "--mrl-dims", "16,32,64" if dry_run else "96,192,384",
                "--timeout", str(timeout)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=2 * timeout + 120)

@@ -107,7 +107,7 @@ def build_peer(spec: dict):
     model.train()
     inner = CachedMultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE, mini_batch_size=spec["chunk"])
     # Equal weights summing to 1: gemb-dist's MRL loss is the weighted mean over dims, s-t's the weighted sum.
-    dims = sorted(MRL_DIMS, reverse=True)
+    dims = sorted(spec["mrl_dims"], reverse=True)
     loss_fn = MatryoshkaLoss(model, inner, matryoshka_dims=dims, matryoshka_weights=[1 / len(dims)] * len(dims))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
@@ -136,7 +136,8 @@ def gemb_config(spec: dict, zero_stage: int = 3, world: int = 1):
 
     return build_config(
         {
-            "model": {"name_or_path": spec["model_path"], "mrl_dims": MRL_DIMS, "max_length": spec["max_length"]},
+            "model": {"name_or_path": spec["model_path"], "mrl_dims": spec["mrl_dims"]}
+            | {"max_length": spec["max_length"]},
             "loss": {"temperature": TEMPERATURE},
             "gradcache": {"chunk_size": spec["chunk"]},
             "optimizer": {"lr": LR, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "schedule": "constant"},
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per system per round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the system order reverses each round")
     parser.add_argument("--max-length", type=int, default=128, help="token limit per text")
+    parser.add_argument("--mrl-dims", default=",".join(map(str, MRL_DIMS)), help="MRL prefix sizes, ascending")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per system (split over its ranks)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast/DeepSpeed bf16")
@@ -348,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = dict(
             model_path=args.model or default_model_path(), global_batch=args.global_batch, chunk=args.chunk,
             steps=args.steps, max_length=args.max_length, threads=args.threads, device=device,
-            precision=args.precision, out=out,
+            precision=args.precision, out=out, mrl_dims=[int(d) for d in args.mrl_dims.split(",")],
         )  # fmt: skip
         results: dict[str, list[dict]] = {s: [] for s in systems}
         for round_index in range(args.rounds):
@@ -368,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "peer", "model": Path(args.model).name if args.model else "all-MiniLM-L6-v2", "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "precision": args.precision,
         "threads": args.threads if device == "cpu" else None, "global_batch": args.global_batch,
-        "chunk": args.chunk, "max_length": args.max_length, "mrl_dims": MRL_DIMS, "temperature": TEMPERATURE,
+        "chunk": args.chunk, "max_length": args.max_length, "mrl_dims": spec["mrl_dims"], "temperature": TEMPERATURE,
         "lr": LR, "steps_per_round": args.steps, "rounds": args.rounds, "quick": args.quick,
         "systems": summary, "total_s": round(time.perf_counter() - started, 1),
     }))  # fmt: skip
