@@ -142,10 +142,15 @@ def gemb_config(spec: dict, zero_stage: int = 3, world: int = 1):
             "gradcache": {"chunk_size": spec["chunk"]},
             "optimizer": {"lr": LR, "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "schedule": "constant"},
             "data": {"global_batch_size": spec["global_batch"]},
-            "deepspeed": {"zero_stage": zero_stage, "precision": spec["precision"]},
+            # The library's bf16 is autocast (see build_library); only the engine hands precision to DeepSpeed.
+            "deepspeed": {"zero_stage": zero_stage, "precision": spec["precision"] if world_engine(spec) else "fp32"},
             "ray": {"num_workers": world, "use_gpu": spec["device"] == "cuda"},
         }
     )
+
+
+def world_engine(spec: dict) -> bool:
+    return spec["system"] in ENGINES
 
 
 def gemb_prepare(model, spec: dict):
