@@ -3,12 +3,12 @@
     .venv/bin/python bench/engine_variants.py [--global-batch 32] [--chunk 8] [--steps 3] [--seq-len 64]
 
 2 ranks (gloo on CPU, one thread each) train the packaged all-MiniLM-L6-v2 (22.7M parameters) with the gradient
-cache, every variant an engine of its own built up front in the same two processes. The variants take turns step
-by step (the machine may be shared), and each one's `step_s` is its fastest step. Per step and rank:
-`step_peak_mib` = peak RSS during the step minus RSS before it (freed heap returned to the OS first, so the figure
-is the memory the step needs on top of what the engine already holds: gradients, gathered parameters,
-activations), and `param_allgathers` = ZeRO-3 parameter all-gather calls. `ratio_to_first` compares step times
-with the first variant of the same ZeRO stage.
+cache, every variant in two fresh processes of its own (several ZeRO-3 engines in one process would share
+DeepSpeed's global partitioning state), one variant after another; each one's `step_s` is its fastest step.
+Per step and rank: `step_peak_mib` = peak RSS during the step minus RSS before it (freed heap returned to the OS
+first, so the figure is the memory the step needs on top of what the engine already holds: gradients, gathered
+parameters, activations), and `param_allgathers` = ZeRO-3 parameter all-gather calls. `ratio_to_first` compares
+step times with the first variant of the same ZeRO stage.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def _measured_step(engine, batch, counter: _GatherCounter) -> tuple[float, float
     return seconds, (_rss_kib("VmHWM") - before) / 1024, counter.calls - calls
 
 
-def _worker(rank: int, port: int, out_dir: str, args) -> None:
+def _worker(rank: int, port: int, out_dir: str, name: str, args) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=600))
@@ -122,28 +122,42 @@ def _worker(rank: int, port: int, out_dir: str, args) -> None:
 
     init_deepspeed_distributed(use_gpu=False, local_rank=rank)
     counter = _GatherCounter()
-    engines = {}
-    for name in args.variants:
-        stage, gradcache, deepspeed = VARIANTS[name]
-        config = _config(args, stage, gradcache, deepspeed)
-        engines[name] = TrainEngine(
-            config, load_model(config, WORLD_SIZE), total_steps=args.steps + 2, world_size=WORLD_SIZE
-        )
-    results: dict[str, list] = {name: [] for name in engines}
+    stage, gradcache, deepspeed = VARIANTS[name]
+    config = _config(args, stage, gradcache, deepspeed)
+    engine = TrainEngine(config, load_model(config, WORLD_SIZE), total_steps=args.steps + 2, world_size=WORLD_SIZE)
+    results = []
     for step in range(args.steps + 1):  # step 0 is a warm-up
-        for name, engine in engines.items():
-            measured = _measured_step(engine, _batch(args, rank, step), counter)
-            if step:
-                results[name].append(measured)
+        measured = _measured_step(engine, _batch(args, rank, step), counter)
+        if step:
+            results.append(measured)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
+
+
+def _run_variant(name: str, args) -> list[list] | None:
+    """Per-rank measurements of one variant, in two fresh processes; None when a rank failed."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.get_context("spawn")
+        procs = [context.Process(target=_worker, args=(r, port, out_dir, name, args)) for r in range(WORLD_SIZE)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join()
+        files = [Path(out_dir) / f"rank{r}.json" for r in range(WORLD_SIZE)]
+        if not all(f.exists() for f in files):  # a rank failed; its traceback is on stderr
+            print(f"engine_variants: {name}: no result (exit codes {[p.exitcode for p in procs]})", file=sys.stderr)
+            return None
+        return [json.loads(f.read_text()) for f in files]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--global-batch", type=int, default=32, help="queries per optimizer step")
     parser.add_argument("--chunk", type=int, default=8, help="texts per chunk")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant, taking turns")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per text")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     args = parser.parse_args()
@@ -151,35 +165,25 @@ def main() -> int:
     if unknown:
         parser.error(f"--variants: unknown {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     args.variants = args.variants.split(",")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.get_context("spawn")
-        procs = [context.Process(target=_worker, args=(r, port, out_dir, args)) for r in range(WORLD_SIZE)]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join()
-        files = [Path(out_dir) / f"rank{r}.json" for r in range(WORLD_SIZE)]
-        if not all(f.exists() for f in files):  # a rank failed; its traceback is on stderr
-            print(f"engine_variants: no result (exit codes {[p.exitcode for p in procs]})", file=sys.stderr)
-            return 1
-        per_rank = [json.loads(f.read_text()) for f in files]
+    failed = False
     first_of_stage: dict[int, float] = {}
     for name in args.variants:
+        per_rank = _run_variant(name, args)
+        if per_rank is None:
+            failed = True
+            continue
         stage, gradcache, deepspeed = VARIANTS[name]
-        step_s = min(max(r[name][i][0] for r in per_rank) for i in range(args.steps))
+        step_s = min(max(r[i][0] for r in per_rank) for i in range(args.steps))
         first_of_stage.setdefault(stage, step_s)
         print(json.dumps({
             "bench": "engine_variants", "variant": name, "model": "all-MiniLM-L6-v2", "ranks": WORLD_SIZE,
             "device": "cpu", "seq_len": args.seq_len, "global_batch": args.global_batch, "chunk": args.chunk,
             "zero_stage": stage, "gradcache": gradcache, "deepspeed": deepspeed,
             "step_s": round(step_s, 3), "ratio_to_first": round(step_s / first_of_stage[stage], 3),
-            "step_peak_mib": round(max(m[1] for r in per_rank for m in r[name]), 1),
-            "param_allgathers": max(m[2] for r in per_rank for m in r[name]),
+            "step_peak_mib": round(max(m[1] for r in per_rank for m in r), 1),
+            "param_allgathers": max(m[2] for r in per_rank for m in r),
         }))  # fmt: skip
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
