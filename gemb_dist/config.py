@@ -138,6 +138,13 @@ class DataConfig(Section):
     )
     verify_sha256: bool = Field(True, description="Check shard hashes against the manifest before training.")
 
+    @model_validator(mode="after")
+    def _check_weights(self) -> DataConfig:
+        weights = self.task_weights
+        if weights is not None and (any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0):
+            raise ValueError(f"data.task_weights must be non-negative with a positive sum, got {weights}")
+        return self
+
 
 class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
