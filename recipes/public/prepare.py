@@ -46,10 +46,11 @@ class Sizes:
     banking_val: int  # ... held out, half as the probe's train side, half as its test side
     stsb_dev: int  # 0 = all 1500 pairs
     mrpc_val: int  # 0 = all 500 pairs
+    train_claims: int = 0  # SciFact train claims for fine-tuning; 0 = all the others
 
 
 FULL = Sizes(120, 60, 480, 240, 1024, 768, 1024, 1000, 0, 0)
-QUICK = Sizes(16, 16, 48, 32, 64, 48, 48, 160, 200, 120)
+QUICK = Sizes(16, 16, 48, 32, 64, 48, 48, 160, 200, 120, train_claims=48)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -158,7 +159,7 @@ def prepare(data: Path, out: Path, sizes: Sizes, seed: int) -> dict:
         raise ValueError(f"{data / 'scifact/qrels/train.tsv'}: corpus-ids not in corpus.jsonl: {unknown[:5]}")
     rng.shuffle(claims)
     val, select = claims[: sizes.val_claims], claims[sizes.val_claims : sizes.val_claims + sizes.select_claims]
-    train_claims = claims[sizes.val_claims + sizes.select_claims :]
+    train_claims = claims[sizes.val_claims + sizes.select_claims :][: sizes.train_claims or None]
     held_docs = {d for c in val + select for d in qrels[c["_id"]]}
     others = sorted(set(corpus) - held_docs)
     rng.shuffle(others)

@@ -80,6 +80,7 @@ class Recipe:
         self.data = Path(args.data).resolve()
         self.ray_address, self.mlflow_uri = args.ray_address, args.mlflow_uri
         self.name = args.name
+        self.soups = [f"soup-{method}" for method in args.soups]
         self.python = sys.executable
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -94,7 +95,7 @@ class Recipe:
         return self.runs_dir / f"{self.name}-{name}" / "model"
 
     def models(self) -> list[str]:
-        return ["base", "prefinetuned", *(r.name for r in self.plan.runs), "soup-uniform", "soup-greedy"]
+        return ["base", "prefinetuned", *(r.name for r in self.plan.runs), *self.soups]
 
     # ------------------------------------------------------------------ running things
     def run(self, command: list[str], log_name: str) -> None:
@@ -177,9 +178,9 @@ class Recipe:
 
         for run in self.plan.runs:
             check_input(self.model_dir(run.name) / "gemb_config.json", f"finetune (run {run.name})")
-        soups = {"soup-uniform": ("uniform", [r.name for r in self.plan.runs])}
-        soups["soup-greedy"] = ("greedy", [r.name for r in self.plan.runs])
-        for name, (method, ingredients) in soups.items():
+        ingredients = [r.name for r in self.plan.runs]
+        for name in self.soups:
+            method = name.removeprefix("soup-")
             if (self.model_dir(name) / "gemb_config.json").is_file():
                 continue
             config = {
@@ -233,10 +234,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="output folder (default recipe_out/public, or recipe_out/quick)")
     parser.add_argument("--runs-dir", help="ray.storage_path of the training runs (default <out>/runs)")
     parser.add_argument("--name", default="public", help="prefix of run, job and MLflow names")
-    parser.add_argument("--ray-address", default=os.environ.get("RAY_JOB_API"), help="Ray job API (dashboard) URL")
+    parser.add_argument(
+        "--ray-address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), help="Ray job API (dashboard) URL"
+    )
     parser.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     parser.add_argument("--quick", action="store_true", help="the same pipeline at CI size (a few minutes)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--soups", nargs="+", choices=("uniform", "greedy"), default=["uniform", "greedy"])
     args = parser.parse_args(argv)
     args.out = args.out or str(REPO / "recipe_out" / ("quick" if args.quick else "public"))
     return args
