@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -74,7 +74,15 @@ QUICK = Plan(
 
 class Recipe:
     def __init__(self, args: argparse.Namespace):
-        self.plan = QUICK if args.quick else FULL
+        plan = QUICK if args.quick else FULL
+        if args.runs:  # a subset of the plan's fine-tuning runs (e.g. after one failed)
+            unknown = sorted(set(args.runs) - {r.name for r in plan.runs})
+            if unknown:
+                raise SystemExit(
+                    f"recipe: --runs names unknown runs {unknown}; the plan has {[r.name for r in plan.runs]}"
+                )
+            plan = replace(plan, runs=tuple(r for r in plan.runs if r.name in args.runs))
+        self.plan = plan
         self.out = Path(args.out).resolve()
         self.runs_dir = Path(args.runs_dir or self.out / "runs").resolve()
         self.data = Path(args.data).resolve()
@@ -240,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     parser.add_argument("--quick", action="store_true", help="the same pipeline at CI size (a few minutes)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--runs", nargs="+", help="only these fine-tuning runs of the plan (default: all)")
     parser.add_argument("--soups", nargs="+", choices=("uniform", "greedy"), default=["uniform", "greedy"])
     args = parser.parse_args(argv)
     args.out = args.out or str(REPO / "recipe_out" / ("quick" if args.quick else "public"))
