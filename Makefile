@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint demo clean image-base image image-smoke
+.PHONY: venv test test-fast lint demo recipe-public recipe-public-quick clean image-base image image-smoke
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	bash cluster/local/demo.sh
+
+# The public-data recipe (recipes/public/run.py) on the local Ray head and MLflow server; PUBLIC_DATA is the folder
+# of public training splits (SciFact, STS Benchmark, MRPC, Banking77).
+PUBLIC_DATA ?= ../shared/data/public
+recipe-public recipe-public-quick: $(STAMP)
+	VENV=$(VENV) bash cluster/local/start.sh
+	. $${GEMB_LOCAL_DIR:-runs/local}/env.sh && $(PY) recipes/public/run.py --data $(PUBLIC_DATA) \
+		$(if $(filter recipe-public-quick,$@),--quick)
 
 # The container image, built with podman, no daemon (cluster/image/image.py; README "Building the image").
 # `make image-base image image-smoke`: a Debian bookworm base from Debian packages, the CPU image on it, the smoke

@@ -56,6 +56,13 @@ class ModelConfig(Section):
         None, description="transformers attention kernel; None lets transformers choose."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute backbone activations in backward.")
+    projection_init: Literal["identity", "random"] = Field(
+        "identity",
+        description="Initial projection when none is loaded. identity: the first D rows of the identity, zero bias, "
+        "so a pretrained sentence embedding model embeds exactly as before training at every MRL dim <= hidden "
+        "(rows past the hidden size, D > hidden, get the random init: zero rows would never receive a gradient). "
+        "random: nn.Linear's default init, which rotates and rescales a pretrained model's embeddings.",
+    )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repository.")
 
     @model_validator(mode="after")
@@ -146,6 +153,13 @@ class DataConfig(Section):
         "another sample of its batch) before the run fails naming the shard.",
     )
     verify_sha256: bool = Field(True, description="Check shard hashes against the manifest before training.")
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> DataConfig:
+        weights = self.task_weights
+        if weights is not None and (any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0):
+            raise ValueError(f"data.task_weights must be non-negative with a positive sum, got {weights}")
+        return self
 
 
 class DeepSpeedConfig(Section):

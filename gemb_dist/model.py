@@ -62,6 +62,23 @@ def to_right_padding(input_ids_NL: torch.Tensor, attention_mask_NL: torch.Tensor
     return input_ids_NL.gather(1, order_NL), attention_mask_NL.gather(1, order_NL)
 
 
+def new_projection(hidden: int, embedding_dim: int, init: str, dtype: torch.dtype) -> nn.Linear:
+    """A fresh `hidden -> embedding_dim` projection (`model.projection_init`).
+
+    `identity` keeps a pretrained model's pooled embedding as it is: the first min(D, hidden) outputs copy the
+    pooled coordinates, so every MRL prefix up to the hidden size is the original embedding's prefix. Extra rows
+    (D > hidden) keep the random init: the loss's gradient on an all-zero coordinate is zero on both sides, so
+    zero rows would stay zero for the whole run.
+    """
+    projection = nn.Linear(hidden, embedding_dim, bias=True, dtype=dtype)
+    if init == "identity":
+        kept = min(hidden, embedding_dim)
+        with torch.no_grad():
+            projection.weight[:kept].copy_(torch.eye(kept, hidden, dtype=dtype))
+            projection.bias.zero_()
+    return projection
+
+
 class EmbeddingModel(nn.Module):
     """Backbone -> masked mean pooling -> linear projection to `embedding_dim` = max(config.mrl_dims)."""
 
@@ -73,7 +90,7 @@ class EmbeddingModel(nn.Module):
         self.embedding_dim = max(config.mrl_dims)
         hidden = backbone.config.get_text_config().hidden_size
         if projection is None:
-            projection = nn.Linear(hidden, self.embedding_dim, bias=True, dtype=backbone.dtype)
+            projection = new_projection(hidden, self.embedding_dim, config.projection_init, backbone.dtype)
         if projection.in_features != hidden or projection.out_features != self.embedding_dim:
             raise ValueError(
                 f"projection is {projection.in_features}->{projection.out_features} but the backbone hidden size is "

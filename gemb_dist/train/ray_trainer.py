@@ -74,6 +74,7 @@ class PreparedRun:
 def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
     """Name the run and check storage, data and MLflow; every failure here happens before any worker starts."""
     from gemb_dist.data.manifest import load_manifest
+    from gemb_dist.data.mixture import check_mixture
     from gemb_dist.data.storage import Storage, check_s3_location
     from gemb_dist.train.tracking import probe_tracking_server, resolve_tracking_uri
 
@@ -89,7 +90,7 @@ def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
             f"run {run_name!r} already exists under ray.storage_path {storage}; pass --resume to continue it, or "
             "drop --run-name (train.run_name) for a fresh, uniquely named run"
         )
-    load_manifest(Storage(config.data.shards))
+    check_mixture(config.data, load_manifest(Storage(config.data.shards)), config.data.shards)
     run_dir = local_run_dir(storage, run_name)
     # Resolved here, on the driver, and forwarded in the config: a worker on another node may not share the
     # driver's environment ($MLFLOW_TRACKING_URI), and all ranks must log to the one store the user looks at.
