@@ -50,7 +50,11 @@ def vocab_size() -> int:
 
 
 def docstring_texts(count: int) -> tuple[list[str], list[str]]:
-    from gemb_dist.demo_data import iter_doc_pairs
+    import sys
+
+    # The demo recipe's data lives in a script folder, not in the package.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "demo"))
+    from demo_data import iter_doc_pairs
 
     pairs = []
     for pair in iter_doc_pairs():

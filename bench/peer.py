@@ -4,8 +4,8 @@
     python bench/peer.py --quick              # CI smoke: tiny batches, one round, four systems (about 1 min)
     python bench/peer.py --device cuda --precision bf16 --global-batch 4096 --chunk 128 --systems peer,library
 
-Systems, each trained on the same pairs (the docstring pairs of `gemb_dist.demo_data`, consecutive global batches),
-the same model, AdamW (lr 2e-5, weight decay 0.01), gradient clipping at 1.0, MRL dims 96/192/384 with equal
+Systems, each trained on the same pairs (the docstring pairs of `recipes/demo/demo_data.py`, consecutive global
+batches), the same model, AdamW (lr 2e-5, weight decay 0.01), gradient clipping at 1.0, MRL dims 96/192/384 with equal
 weights, temperature 0.05 (sentence-transformers' `scale` = 1 / temperature = 20), max length 128 and the same
 activation cap (texts per forward = `--chunk` = sentence-transformers' `mini_batch_size`):
 
@@ -62,7 +62,11 @@ def default_model_path() -> str:
 
 def load_pairs() -> list[tuple[str, str]]:
     """The demo data's (query, passage) docstring pairs, in their deterministic order."""
-    from gemb_dist.demo_data import iter_doc_pairs
+    import sys
+
+    # The demo recipe's data lives in a script folder, not in the package.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes" / "demo"))
+    from demo_data import iter_doc_pairs
 
     return [(p.query, p.passage) for p in iter_doc_pairs()]
 

@@ -104,7 +104,8 @@ def test_writes_through_the_ray_train_filesystem_are_retried(s3_env, dataset, tm
 
 
 def job_config(shards: str, storage: str):
-    return build_config({"data": {"shards": shards}, "ray": {"storage_path": storage}, "train": {"run_name": "r"}})
+    data = {"shards": shards, "global_batch_size": 8}  # the 22-sample dataset must fill one global batch
+    return build_config({"data": data, "ray": {"storage_path": storage}, "train": {"run_name": "r"}})
 
 
 def test_missing_bucket_fails_on_the_driver_naming_the_field_and_url(s3_env, dataset, tmp_path):
