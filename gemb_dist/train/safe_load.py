@@ -21,7 +21,10 @@ def _safe_globals() -> list[Any]:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    return [ZeroStageEnum, LossScaler]
+    # Some Python 3.11 builds (Debian bookworm's 3.11.2, the image's) pickle enum members by name, as
+    # `getattr(ZeroStageEnum, "weights")`. Allowing `getattr` stays safe: the weights-only unpickler calls only
+    # allow-listed callables, so it can read attributes of the allowed types but never call what it reads.
+    return [ZeroStageEnum, LossScaler, getattr]
 
 
 class SafeTorchCheckpointEngine(TorchCheckpointEngine):
