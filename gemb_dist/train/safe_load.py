@@ -69,9 +69,9 @@ def _weights_only_torch(module: types.ModuleType):
     """Within the block, `module.torch.load` forces weights_only=True (only that module's name is rebound)."""
 
     def load(*args, **kwargs):
-        kwargs["weights_only"] = True
+        kwargs.pop("weights_only", None)  # zero_to_fp32 passes weights_only=False
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(*args, **kwargs)
+            return torch.load(*args, weights_only=True, **kwargs)
 
     proxy = types.SimpleNamespace(**{name: getattr(torch, name) for name in dir(torch) if not name.startswith("__")})
     proxy.load = load
