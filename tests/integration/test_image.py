@@ -88,7 +88,11 @@ def _skip_reason() -> str | None:
 
 def _make(target: str, log: Path, timeout: float = BUILD_TIMEOUT_S) -> subprocess.CompletedProcess:
     with open(log, "w") as out:
-        return subprocess.run(["make", target], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+        # --no-print-directory: under `make test` this make is recursive (MAKELEVEL > 0) and would end its output
+        # with "make[1]: Leaving directory ...".
+        return subprocess.run(
+            ["make", "--no-print-directory", target], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=timeout
+        )
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +120,7 @@ def test_smoke_inside_the_image_trains_and_saves_a_model(built_image, tmp_path):
     proc = _make("image-smoke", tmp_path / "smoke.log", timeout=1500)  # 4.5 min idle, 11 min at load 38
     output = (tmp_path / "smoke.log").read_text()
     assert proc.returncode == 0, "make image-smoke failed:\n" + output[-8000:]
-    result = json.loads(output.strip().splitlines()[-1])
+    result = json.loads([line for line in output.splitlines() if line.startswith("{")][-1])
     assert result["smoke"] == "ok" and result["mrl_dims"] == [16, 32], result
     for step in ("gemb --help", "gemb config show on every shipped config", "gemb data build", "ray job submit"):
         assert f"smoke: {step}" in output, f"the smoke skipped {step!r}"
