@@ -33,6 +33,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
+# Every pip step goes through pip_step.sh: a failure ends with "image build failed at step <step>: pip install
+# <package>", the package taken from pip's own error.
+COPY cluster/image/pip_step.sh /usr/local/bin/pip_step
+
 # Python 3.11: Debian bookworm ships it; Ubuntu 22.04 (the CUDA base) has only a release candidate of 3.11, so
 # there it comes from the deadsnakes archive. wget serves KubeRay's health probes.
 RUN . /etc/os-release \
@@ -47,14 +51,12 @@ RUN . /etc/os-release \
         build-essential git wget \
     && rm -rf /var/lib/apt/lists/* \
     && python${PYTHON_VERSION} -m venv ${VIRTUAL_ENV} \
-    && { pip install --upgrade pip setuptools wheel packaging ninja psutil \
-        || { echo "image build failed at step python-tools: pip install pip setuptools wheel" >&2; exit 1; }; }
+    && pip_step python-tools --upgrade pip setuptools wheel packaging ninja psutil
 
 # torch first and pinned, from the wheel index that matches the variant, so nothing later swaps its build.
 RUN if [ "${VARIANT}" = "gpu" ]; then flavour="${TORCH_CUDA}"; else flavour=cpu; fi \
     && index=""; if [ -n "${TORCH_INDEX_URL}" ]; then index="--index-url ${TORCH_INDEX_URL}/${flavour}"; fi \
-    && { pip install ${index} "torch==${TORCH_VERSION}" \
-        || { echo "image build failed at step torch: pip install torch==${TORCH_VERSION} ${index}" >&2; exit 1; }; } \
+    && pip_step torch ${index} "torch==${TORCH_VERSION}" \
     && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 
 # DeepSpeed with the ops the GPU engine uses compiled now (FusedAdam for ZeRO-3 on GPU, CPUAdam for optimizer
@@ -63,14 +65,11 @@ RUN if [ "${VARIANT}" = "gpu" ]; then flavour="${TORCH_CUDA}"; else flavour=cpu;
 RUN if [ "${VARIANT}" = "gpu" ]; then \
         export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" MAX_JOBS="${MAX_JOBS}" \
             DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 \
-        && { pip install --no-build-isolation --no-binary deepspeed "deepspeed==${DEEPSPEED_VERSION}" \
-            || { echo "image build failed at step deepspeed: pip install deepspeed==${DEEPSPEED_VERSION}" >&2; exit 1; }; } \
-        && { pip install --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}" \
-            || { echo "image build failed at step flash-attn: pip install flash-attn==${FLASH_ATTN_VERSION}" >&2; exit 1; }; } \
+        && pip_step deepspeed --no-build-isolation --no-binary deepspeed "deepspeed==${DEEPSPEED_VERSION}" \
+        && pip_step flash-attn --no-build-isolation "flash-attn==${FLASH_ATTN_VERSION}" \
         && ds_report; \
     else \
-        pip install "deepspeed==${DEEPSPEED_VERSION}" \
-            || { echo "image build failed at step deepspeed: pip install deepspeed==${DEEPSPEED_VERSION}" >&2; exit 1; }; \
+        pip_step deepspeed "deepspeed==${DEEPSPEED_VERSION}"; \
     fi
 
 # The project's dependencies come from pyproject.toml alone, before the source is copied: a change to the code
@@ -82,14 +81,12 @@ RUN if [ "${VARIANT}" = "gpu" ]; then extras="gpu,server"; else extras="server,s
     && python -c "import sys, tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(project['dependencies'] + [r for e in sys.argv[1].split(',') for r in project['optional-dependencies'][e]]))" \
         "${extras}" > /tmp/requirements.txt \
-    && { pip install -r /tmp/requirements.txt \
-        || { echo "image build failed at step dependencies: pip install .[${extras}] (see pip's error above)" >&2; exit 1; }; } \
+    && pip_step dependencies -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt \
     && python -c "import torch; assert torch.__version__.split('+')[0] == '${TORCH_VERSION}', torch.__version__"
 COPY README.md ./
 COPY gemb_dist ./gemb_dist
-RUN { pip install --no-deps --no-build-isolation . \
-        || { echo "image build failed at step gemb-dist: pip install . (the project itself)" >&2; exit 1; }; } \
+RUN pip_step gemb-dist --no-deps --no-build-isolation . \
     && rm -rf build ./*.egg-info
 COPY jobs ./jobs
 

@@ -4,6 +4,7 @@ flaky object store. Outside a window every request is forwarded unchanged.
 
     with FaultProxy(moto_endpoint) as proxy:      # proxy.endpoint -> AWS_ENDPOINT_URL
         proxy.fault("slowdown", seconds=4)        # or "reset"; proxy.counts says how many requests it hit
+        proxy.arm("reset", 3, "PUT", "/checkpoint_")  # the window opens at the first checkpoint upload
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class FaultProxy:
         self.counts: Counter[str] = Counter()  # "slowdown", "reset", "pass" -> requests
         self.methods: Counter[tuple[str, str]] = Counter()  # (fault, HTTP method) -> requests
         self._lock = threading.Lock()
+        self._armed: list[tuple[str, float, str, str]] = []  # (mode, seconds, method, path part)
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -43,7 +45,7 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self._read_body()
-                fault = proxy.current_fault()
+                fault = proxy.current_fault(self.command, self.path)
                 with proxy._lock:
                     proxy.counts[fault] += 1
                     proxy.methods[fault, self.command] += 1
@@ -104,7 +106,23 @@ class FaultProxy:
             raise ValueError(f"fault mode must be 'slowdown' or 'reset', got {mode!r}")
         self.mode, self.until = mode, time.monotonic() + seconds
 
-    def current_fault(self) -> str:
+    def arm(self, mode: str, seconds: float, method: str, path_contains: str) -> None:
+        """Start a `fault(mode, seconds)` window at the first `method` request whose path contains
+        `path_contains` (that request is the window's first victim): an outage that begins while shards are read,
+        or while a checkpoint is written, whenever that happens."""
+        if mode not in ("slowdown", "reset"):
+            raise ValueError(f"fault mode must be 'slowdown' or 'reset', got {mode!r}")
+        with self._lock:
+            self._armed.append((mode, seconds, method, path_contains))
+
+    def current_fault(self, method: str = "", path: str = "") -> str:
+        with self._lock:
+            for trigger in self._armed:
+                mode, seconds, want_method, part = trigger
+                if method == want_method and part in path:
+                    self._armed.remove(trigger)
+                    self.mode, self.until = mode, time.monotonic() + seconds
+                    break
         return self.mode if time.monotonic() < self.until else "pass"
 
     def forward(self, method: str, path: str, headers, body: bytes) -> tuple[int, list, bytes]:

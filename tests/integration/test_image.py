@@ -9,6 +9,7 @@ installs them with apt-get); where any is missing the image tests are skipped wi
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ import _kustomize  # noqa: E402
 import image  # noqa: E402  (cluster/image/image.py)
 
 TAG = image.default_tag("cpu")
+PIP_STEP = REPO / "cluster" / "image" / "pip_step.sh"
 BUILD_TIMEOUT_S = 1800
 
 
@@ -96,11 +98,12 @@ def _make(target: str, log: Path, timeout: float = BUILD_TIMEOUT_S) -> subproces
 
 
 @pytest.fixture(scope="module")
-def built_image(tmp_path_factory) -> str:
+def podman_base(tmp_path_factory) -> str:
+    """The local Debian base, built if missing, once podman has shown it can start a container from it."""
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
-    logs = tmp_path_factory.mktemp("image")
+    logs = tmp_path_factory.mktemp("base")
     if not image.image_exists(image.LOCAL_BASE):
         assert _make("image-base", logs / "base.log").returncode == 0, (logs / "base.log").read_text()[-4000:]
     probe = subprocess.run(
@@ -109,6 +112,12 @@ def built_image(tmp_path_factory) -> str:
     )  # fmt: skip
     if probe.returncode != 0:
         pytest.skip(f"podman cannot start a container on this machine: {probe.stderr.strip()[-500:]}")
+    return image.LOCAL_BASE
+
+
+@pytest.fixture(scope="module")
+def built_image(podman_base, tmp_path_factory) -> str:
+    logs = tmp_path_factory.mktemp("image")
     proc = _make("image", logs / "build.log")
     assert proc.returncode == 0, "make image failed:\n" + (logs / "build.log").read_text()[-6000:]
     return TAG
@@ -169,8 +178,23 @@ def rendered_pod_security(rendered: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+def test_a_failed_pip_step_names_the_step_and_the_package(tmp_path):
+    """cluster/image/pip_step.sh, which every pip step of the Dockerfile runs, on this machine's pip: the last line
+    names the step and the requirement pip could not install, and pip's exit status is kept."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    args = ["--dry-run", "--no-index", "--find-links", str(tmp_path), "packaging", "no-such-package==1.0"]
+    proc = subprocess.run(["bash", str(PIP_STEP), "dependencies", *args], capture_output=True, text=True, env=env)
+    assert proc.returncode == 1
+    assert "No matching distribution found for no-such-package==1.0" in proc.stdout, "pip's own error is shown"
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "image build failed at step dependencies: pip install no-such-package==1.0"
+    ok = subprocess.run(["bash", str(PIP_STEP), "tools", "--dry-run", "--no-deps", "packaging"], env=env,
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0 and "image build failed" not in ok.stderr
+
+
 @pytest.mark.slow
-def test_missing_base_image_stops_the_build_naming_it(built_image):
+def test_missing_base_image_stops_the_build_naming_it(podman_base):
     missing = "localhost/gemb-base:does-not-exist"
     proc = subprocess.run(
         [sys.executable, "cluster/image/image.py", "build", "--base", missing, "--tag", "gemb-dist:never"],

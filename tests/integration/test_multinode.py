@@ -29,9 +29,11 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _fault_proxy import FaultProxy  # noqa: E402
 from _services import BIN_DIR, free_port, stop_process_tree, wait_for_http  # noqa: E402
 
 from gemb_dist.data.build import build_shards  # noqa: E402
+from gemb_dist.train.checkpoint import CHECKPOINT_PREFIX  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(BIN_DIR / "ray")
@@ -108,9 +110,13 @@ def cluster(tmp_path_factory):
         stop_process_tree(moto)
 
 
-def submit(cluster: Cluster, run_name: str, *args: str, wait: bool = True) -> subprocess.CompletedProcess:
-    """`ray job submit` of jobs/prefinetune.py the documented way (env.sh), shards and storage on S3."""
-    runtime_env = json.dumps({"env_vars": cluster.s3_env})
+def submit(
+    cluster: Cluster, run_name: str, *args: str, wait: bool = True, s3_endpoint: str | None = None
+) -> subprocess.CompletedProcess:
+    """`ray job submit` of jobs/prefinetune.py the documented way (env.sh), shards and storage on S3 (at
+    `s3_endpoint` when given, e.g. a fault proxy in front of the S3 server)."""
+    s3_env = {**cluster.s3_env, **({"AWS_ENDPOINT_URL": s3_endpoint} if s3_endpoint else {})}
+    runtime_env = json.dumps({"env_vars": s3_env})
     cmd = (
         f"source {cluster.state}/env.sh && {RAY} job submit {'' if wait else '--no-wait'} --working-dir . "
         f"--runtime-env-json '{runtime_env}' -- python jobs/prefinetune.py --config jobs/configs/smoke_cpu.yaml "
@@ -194,6 +200,15 @@ def assert_exactly_once(cluster: Cluster, run_name: str, baseline: dict[int, flo
         for step, value in baseline.items():
             assert loss[step] == pytest.approx(value, rel=1e-5, abs=1e-6), f"step {step}: {loss[step]} vs {value}"
     return loss
+
+
+def run_metric(cluster: Cluster, run_name: str, key: str) -> dict[int, float]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(cluster.mlflow_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"attributes.run_name = '{run_name}'")
+    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
 
 def s3_keys(cluster: Cluster, prefix: str) -> list[str]:
@@ -280,6 +295,29 @@ def test_loss_of_a_worker_node_waits_for_it_and_resumes_exactly(cluster, baselin
     records = consumed(run_name)
     assert any(r["resumed_from"] >= 4 for attempts in records.values() for r in attempts), "no restart happened"
     assert_exactly_once(cluster, run_name, baseline[1])
+
+
+def test_s3_throttling_and_dropped_connections_while_reading_and_checkpointing_are_retried(cluster, baseline):
+    """The S3 server answers 503 SlowDown for 3 s from the first shard read, then drops connections for 3 s from the
+    first checkpoint upload: botocore (reads) and the AWS SDK under pyarrow (Ray Train's checkpoint writes) retry
+    with backoff, nothing is counted bad, no worker restarts, and every checkpoint is complete."""
+    run_name = f"s3-{secrets.token_hex(3)}"
+    with FaultProxy(cluster.s3_env["AWS_ENDPOINT_URL"]) as proxy:
+        proxy.arm("slowdown", 3.0, "GET", ".tar")
+        proxy.arm("reset", 3.0, "PUT", f"/{run_name}/{CHECKPOINT_PREFIX}")
+        proc = submit(cluster, run_name, s3_endpoint=proxy.endpoint)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    hit = dict(proxy.methods)
+    assert hit.get(("slowdown", "GET"), 0) >= 1, f"no shard read was throttled: {hit}"
+    assert hit.get(("reset", "PUT"), 0) >= 1, f"no checkpoint upload was dropped: {hit}"
+    records = consumed(run_name)
+    assert all(r["resumed_from"] == 0 for attempts in records.values() for r in attempts), "a worker restarted"
+    assert_exactly_once(cluster, run_name, baseline[1])
+    assert set(run_metric(cluster, run_name, "bad_samples").values()) == {0.0}, "a fault was counted as a bad sample"
+    keys = s3_keys(cluster, f"runs/{run_name}/")
+    checkpoints = {k.split("/")[2] for k in keys if f"/{CHECKPOINT_PREFIX}" in k}
+    assert checkpoints == {f"{CHECKPOINT_PREFIX}{s:08d}" for s in (8, 12)}
+    assert complete_checkpoints(cluster, run_name) == [8, 12], "a checkpoint without its manifest"
 
 
 def job_logs(cluster: Cluster, job_id: str) -> str:
