@@ -5,7 +5,9 @@ start.sh started. One training worker runs per node (`gemb_worker_node` resource
 Drills, each ending with the job SUCCEEDED, the MLflow run FINISHED with every step's metrics exactly once, every
 sample consumed exactly once in the final attempt chain, and the per-step losses equal to an uninterrupted run's:
 a Ray Train worker process SIGKILLed (its PID from `ray.util.state`), a whole worker node killed (its raylet and
-everything under it) and brought back by start.sh, the checkpoint staging disk full (a real tmpfs), then --resume.
+everything under it) and brought back by start.sh, S3 throttling and dropped connections (a fault proxy in front of
+the S3 server) while shards are read and a checkpoint is written, the checkpoint staging disk full (a real tmpfs),
+then --resume.
 """
 
 from __future__ import annotations
