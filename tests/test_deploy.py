@@ -491,7 +491,9 @@ def test_dockerfile_versions_equal_pyproject_pins():
     python_requirement = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
     assert f"{args['PYTHON_VERSION']}.0" in SpecifierSet(python_requirement)
     runs = " ".join(a for k, a in instructions if k == "RUN")
-    assert ".[${extras}]" in runs and 'extras="gpu,server"' in runs, "install the project with its GPU extras"
+    # The GPU image installs pyproject's dependencies plus its gpu and server extras, read from pyproject itself.
+    assert 'extras="gpu,server"' in runs and "['optional-dependencies'][e]" in runs, "install the GPU extras"
+    assert "pip_step dependencies -r /tmp/requirements.txt" in runs
 
 
 def test_manifests_run_the_tag_and_user_the_dockerfile_builds(rendered):

@@ -213,11 +213,32 @@ def run_metric(cluster: Cluster, run_name: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
 
 
+def s3_client(cluster: Cluster):
+    return boto3.client("s3", endpoint_url=cluster.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
+
+
 def s3_keys(cluster: Cluster, prefix: str) -> list[str]:
-    s3 = boto3.client("s3", endpoint_url=cluster.s3_env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")  # fmt: skip
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    pages = s3_client(cluster).get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def wait_for_registered_checkpoint(cluster: Cluster, run_name: str, timeout: float = 300) -> None:
+    """Until Ray Train's controller has registered a checkpoint of the run: its checkpoint manager writes a snapshot
+    naming the latest one into the run's storage. A checkpoint is registered only once the controller has polled
+    every worker's report (every 2 s, slower on a loaded machine), so a rank lost between its report and that poll
+    restarts the run from scratch: correct, but not the resume these drills are about."""
+    s3, key = s3_client(cluster), f"runs/{run_name}/checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            snapshot = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            snapshot = {}
+        if snapshot.get("latest_checkpoint_result"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{run_name}: Ray Train registered no checkpoint in {timeout} s ({key})")
 
 
 STATE_QUERY = """import json, os
@@ -268,6 +289,7 @@ def test_sigkill_of_a_train_worker_resumes_exactly(cluster, baseline):
     run_name = f"kill-{secrets.token_hex(3)}"
     job_id = job_id_of(submit(cluster, run_name, wait=False))
     wait_for_step(run_name, 6)
+    wait_for_registered_checkpoint(cluster, run_name)
     (victim, *_) = [a for a in train_workers(cluster) if a["pid"]]
     os.kill(victim["pid"], signal.SIGKILL)
     assert wait_job(cluster, job_id) == "SUCCEEDED"
@@ -281,6 +303,7 @@ def test_loss_of_a_worker_node_waits_for_it_and_resumes_exactly(cluster, baselin
     # Each attempt to start a group without the node's resources times out and counts as a failure: leave room.
     job_id = job_id_of(submit(cluster, run_name, "--set ray.max_failures=8", wait=False))
     wait_for_step(run_name, 6)
+    wait_for_registered_checkpoint(cluster, run_name)
     pidfile = cluster.state / "ray_node2.pid"
     node = psutil.Process(int(pidfile.read_text()))
     tree = [node, *node.children(recursive=True)]
