@@ -139,7 +139,11 @@ class DataConfig(Section):
         None, description="Fine-tuning task sampling weights; None = proportional to task size."
     )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
-    seed: int = Field(0, description="Seed of shard order, shuffling and the task schedule.")
+    seed: int = Field(
+        0,
+        description="Seed of the data order alone: shard order, shuffling and the fine-tuning task schedule "
+        "(model init and dropout follow train.seed).",
+    )
     shuffle_buffer: int = Field(
         1000,
         ge=0,
@@ -243,12 +247,22 @@ class FaultInjection(Section):
 
 class TrainConfig(Section):
     stage: Literal["prefinetune", "finetune"] = Field("prefinetune", description="Training stage.")
-    run_name: str | None = Field(None, description="Run name; None = a unique `<stage>-<timestamp>` name.")
-    resume: bool = Field(False, description="Continue the run named `run_name` from its latest checkpoint.")
+    run_name: str | None = Field(
+        None,
+        description="Run name (Ray Train run under ray.storage_path and MLflow run name); None = a unique "
+        "`<stage>-<timestamp>-<random>` name. An existing name is refused unless `resume` is set.",
+    )
+    resume: bool = Field(
+        False, description="Continue the existing run named `run_name` from its latest checkpoint (needs run_name)."
+    )
     init_from: str | None = Field(None, description="Fine-tuning: initialise from this gemb model dir.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     epochs: int = Field(1, gt=0, description="Passes over the data (when max_steps is unset or larger).")
-    seed: int = Field(0, description="Seed of model init, dropout and data.")
+    seed: int = Field(
+        0,
+        description="Seed of the model's random init (projection, random backbones; identical on every rank) and "
+        "of each rank's dropout masks (mixed with the rank). The data order is data.seed's alone.",
+    )
     log_every: int = Field(1, gt=0, description="Print progress every N steps.")
     checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the newest K).")
@@ -260,6 +274,12 @@ class TrainConfig(Section):
     fault_injection: FaultInjection | None = Field(
         None, description="Tests and chaos drills: raise on `rank` at `step` of the first attempt."
     )
+
+    @model_validator(mode="after")
+    def _check_resume(self) -> TrainConfig:
+        if self.resume and not self.run_name:
+            raise ValueError("train.resume needs train.run_name: the name of the run to continue")
+        return self
 
 
 class GembConfig(Section):

@@ -65,14 +65,16 @@ def local_run_dir(storage: str, run_name: str) -> Path:
 
 @dataclass(frozen=True)
 class PreparedRun:
-    config: GembConfig  # with train.run_name, train.resume and mlflow.tracking_uri filled in
+    config: GembConfig  # with train.run_name and mlflow.tracking_uri filled in
     storage: str
     run_dir: Path
     local_tracking: bool = False  # no server configured: MLflow logs to a sqlite file under run_dir
 
 
-def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
-    """Name the run and check storage, data and MLflow; every failure here happens before any worker starts."""
+def prepare_run(config: GembConfig) -> PreparedRun:
+    """Name the run and check storage, data and MLflow; every failure here happens before any worker starts.
+
+    `train.resume` decides between continuing the run `train.run_name` and starting a fresh one."""
     from gemb_dist.data.manifest import load_manifest
     from gemb_dist.data.mixture import check_mixture
     from gemb_dist.data.storage import Storage, check_s3_location
@@ -81,14 +83,15 @@ def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
     storage = resolve_storage_path(config.ray.storage_path)
     check_s3_location(storage, "ray.storage_path")
     check_s3_location(config.data.shards, "data.shards")
+    resume = config.train.resume
     run_name = config.train.run_name or default_run_name(config.train.stage)
     exists = _run_exists(storage, run_name)
     if resume and not exists:
-        raise ValueError(f"--resume: no run named {run_name!r} under ray.storage_path {storage}")
+        raise ValueError(f"train.resume: no run named {run_name!r} under ray.storage_path {storage}")
     if exists and not resume:
         raise ValueError(
-            f"run {run_name!r} already exists under ray.storage_path {storage}; pass --resume to continue it, or "
-            "drop --run-name (train.run_name) for a fresh, uniquely named run"
+            f"run {run_name!r} already exists under ray.storage_path {storage}; set train.resume=true (--resume) "
+            "to continue it, or drop train.run_name (--run-name) for a fresh, uniquely named run"
         )
     check_mixture(config.data, load_manifest(Storage(config.data.shards)), config.data.shards)
     run_dir = local_run_dir(storage, run_name)
@@ -96,7 +99,7 @@ def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
     # driver's environment ($MLFLOW_TRACKING_URI), and all ranks must log to the one store the user looks at.
     tracking_uri = resolve_tracking_uri(config, run_dir)
     probe_tracking_server(tracking_uri)
-    train = config.train.model_copy(update={"run_name": run_name, "resume": resume})
+    train = config.train.model_copy(update={"run_name": run_name})
     mlflow = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
     prepared = config.model_copy(update={"train": train, "mlflow": mlflow})
     fallback = not (config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
