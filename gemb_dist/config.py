@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -158,6 +158,8 @@ class DataConfig(Section):
     )
     verify_sha256: bool = Field(True, description="Check shard hashes against the manifest before training.")
 
+    _shards_is_a_location = field_validator("shards")(lambda value: check_location(value))
+
     @model_validator(mode="after")
     def _check_weights(self) -> DataConfig:
         weights = self.task_weights
@@ -210,18 +212,58 @@ class RayConfig(Section):
     storage_path: str = Field("runs", description="Run storage: local directory or s3:// URI (shared by all nodes).")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts before the run fails (-1 = unlimited).")
 
+    _storage_is_a_location = field_validator("storage_path")(lambda value: check_location(value))
+
+
+# Stores MLflow can log to: a tracking server (http, https), a local file or sqlite store, a database backend.
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+# Where datasets and runs may live: a local path (no scheme), file:// or s3://.
+LOCATION_SCHEMES = ("file", "s3")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why `uri` is not an MLflow tracking URI (None when it is): a scheme is required, so `127.0.0.1:5000` is
+    refused rather than read as a relative directory named `127.0.0.1:5000`."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and rest and scheme.split("+")[0].lower() in TRACKING_SCHEMES:
+        return None
+    allowed = ", ".join(f"{s}://" for s in TRACKING_SCHEMES)
+    return f"{uri!r} has no known scheme; use one of {allowed} (e.g. http://127.0.0.1:5000)"
+
+
+def location_problem(location: str) -> str | None:
+    """Why `location` is not a local path, file:// or s3:// URI (None when it is)."""
+    scheme, colon, rest = location.partition(":")
+    looks_like_url = colon and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").isalnum()
+    if not looks_like_url or (scheme in LOCATION_SCHEMES and rest.startswith("//") and len(rest) > 2):
+        return None
+    return f"{location!r} is not a local path, file:// or s3:// URI (e.g. s3://bucket/prefix)"
+
+
+def check_location(location: str) -> str:
+    """A field validator: `location` unchanged, or ValueError saying which schemes a location may have."""
+    if problem := location_problem(location):
+        raise ValueError(problem)
+    return location
+
 
 class MLflowConfig(Section):
+    """Experiment tracking of every job (training, eval, soup, mining, synthesis): one `mlflow` section type.
+
+    Training jobs add per-step knobs (TrainMLflowConfig); the other jobs log one run each, with their config as
+    params and `config.yaml`, their results as metrics and their output files as artifacts.
+    """
+
     tracking_uri: str | None = Field(
-        None, description="Tracking server URI; None = $MLFLOW_TRACKING_URI, else sqlite under the run directory."
+        None,
+        description="Tracking store URI with its scheme (http://host:5000, https://, sqlite:///path.db, file://); "
+        "None = $MLFLOW_TRACKING_URI; when neither is set, training logs to a sqlite store in its run directory "
+        "and the other jobs log nothing.",
     )
     experiment: str = Field("gemb-dist", description="MLflow experiment name.")
-    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
-    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
-    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system metric samples.")
     retries: int = Field(
-        3, ge=0, description="Retries of a failed MLflow call (exponential backoff) before training goes on without it."
+        3, ge=0, description="Retries of a failed MLflow call (exponential backoff) before the job goes on without it."
     )
     retry_backoff_s: float = Field(
         1.0,
@@ -235,8 +277,25 @@ class MLflowConfig(Section):
     flush_timeout_s: float = Field(
         60.0,
         ge=0,
-        description="At the end of a run, seconds to wait for a server that is down to take the buffered metrics; "
-        "what is left is saved to <run>/mlflow_undelivered_metrics.jsonl for `gemb mlflow sync RUN_DIR`.",
+        description="At the end of a job, seconds to wait for a server that is down to take the buffered metrics; "
+        "what is left is saved to <run dir>/mlflow_undelivered_metrics.jsonl for `gemb mlflow sync RUN_DIR`.",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _has_scheme(cls, uri: str | None) -> str | None:
+        if uri is not None and (problem := tracking_uri_problem(uri)):
+            raise ValueError(problem)
+        return uri
+
+
+class TrainMLflowConfig(MLflowConfig):
+    """A training job's `mlflow` section: the shared MLflowConfig plus the per-step knobs only training has."""
+
+    log_every: int = Field(1, gt=0, description="Training only: log metrics every N optimizer steps.")
+    system_metrics: bool = Field(True, description="Training only: log CPU/GPU/memory system metrics.")
+    system_metrics_interval_s: float = Field(
+        10.0, gt=0, description="Training only: seconds between system metric samples."
     )
 
 
@@ -292,7 +351,7 @@ class GembConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    mlflow: TrainMLflowConfig = Field(default_factory=TrainMLflowConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ from transformers.initialization import no_init_weights
 from gemb_dist.attention import set_attention
 from gemb_dist.batch import TextBatch
 from gemb_dist.config import ModelConfig
+from gemb_dist.files import atomic_dir
 from gemb_dist.prompts import format_query
 
 WEIGHTS_NAME = "model.safetensors"
@@ -322,28 +320,3 @@ def _load_projection(weights: Path, prefix: str, dtype: torch.dtype) -> nn.Linea
         projection.weight.copy_(weight_DH)
         projection.bias.copy_(bias_D)
     return projection
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp dir beside `path`; on success it replaces `path`, on failure it is removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, target)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Put `tmp` at `target`; an existing target is moved aside first and removed after the swap."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)

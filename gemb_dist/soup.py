@@ -35,7 +35,10 @@ from safetensors import safe_open
 
 from gemb_dist.config import MLflowConfig, Section
 from gemb_dist.evaluate import TASK_METRICS
-from gemb_dist.model import BACKBONE_CONFIG_NAME, GEMB_CONFIG_NAME, PROJECTION_KEYS, WEIGHTS_NAME, atomic_dir
+from gemb_dist.export import EXPORT_INFO_FILE
+from gemb_dist.files import atomic_dir, atomic_file
+from gemb_dist.model import BACKBONE_CONFIG_NAME, GEMB_CONFIG_NAME, PROJECTION_KEYS, WEIGHTS_NAME
+from gemb_dist.train.tracking import Tracker, configured_tracking_uri, job_tracker
 
 # Fields of config.json that record where or with which library version a model was saved, not what it is.
 _VOLATILE_CONFIG_KEYS = {"_name_or_path", "name_or_path", "transformers_version", "_commit_hash"}
@@ -52,6 +55,7 @@ _ST_DTYPES = {
     "BOOL": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+LINEAGE_FILE = "soup.json"
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -113,8 +117,17 @@ class SoupConfig(Section):
     export_sentence_transformers: bool = Field(
         True, description="Also write the sentence-transformers export under output_dir/sentence_transformers."
     )
+    use_ray: bool = Field(
+        True,
+        description="Make the soup in one Ray task on a cluster node (joining the job's cluster); false = in this "
+        "process (`jobs/soup.py --no-ray`).",
+    )
     num_cpus: float = Field(1, gt=0, description="CPUs reserved by the Ray task that makes the soup.")
-    mlflow: MLflowConfig | None = Field(None, description="Log lineage (ingredients, weights, scores) when set.")
+    mlflow: MLflowConfig = Field(
+        default_factory=MLflowConfig,
+        description="Tracking: lineage (ingredients, weights, scores) and the soup as an MLflow model are logged "
+        "when mlflow.tracking_uri or $MLFLOW_TRACKING_URI is set; MLflow-run ingredients are read from there.",
+    )
     run_name: str | None = Field(None, description="MLflow run name; None = 'soup-<output dir name>'.")
 
     @model_validator(mode="after")
@@ -231,21 +244,15 @@ def write_safetensors_streaming(
         offset += spec.num_bytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # data starts 8-byte aligned, as safetensors writes it
-    tmp = Path(f"{out_path}.tmp-{os.getpid()}")  # renamed into place only once complete
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for spec in specs:
-                tensor = next(tensors)
-                assert _DTYPE_NAMES[tensor.dtype] == spec.dtype and tuple(tensor.shape) == spec.shape, spec
-                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            if next(tensors, None) is not None:
-                raise AssertionError("more tensors than specs")
-        os.replace(tmp, out_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out_path) as f:  # renamed into place only once complete
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for spec in specs:
+            tensor = next(tensors)
+            assert _DTYPE_NAMES[tensor.dtype] == spec.dtype and tuple(tensor.shape) == spec.shape, spec
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if next(tensors, None) is not None:
+            raise AssertionError("more tensors than specs")
 
 
 def _read_tensor(path: str | os.PathLike, key: str) -> torch.Tensor:
@@ -479,7 +486,7 @@ def make_soup(config: SoupConfig, score_fn: Callable[[Path], float] | None = Non
     """Resolve the ingredients, pick weights (greedy: by `score_fn`, default the held-out evaluator), average,
     export, and write `config.output_dir` atomically; a failure leaves no output dir behind."""
     target = Path(config.output_dir)
-    tracking_uri = (config.mlflow.tracking_uri if config.mlflow else None) or os.environ.get("MLFLOW_TRACKING_URI")
+    tracking_uri = configured_tracking_uri(config.mlflow)
     if target.exists() and not config.overwrite:
         raise ValueError(f"output_dir {target} already exists (set overwrite: true to replace it)")
     with atomic_dir(target) as tmp:
@@ -504,48 +511,42 @@ def make_soup(config: SoupConfig, score_fn: Callable[[Path], float] | None = Non
             ],
             **({"greedy": greedy} if greedy else {}),
         }
-        (tmp / "soup.json").write_text(json.dumps(lineage, indent=2) + "\n")
-    if config.mlflow is not None:
-        log_lineage(config, lineage, tracking_uri)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
     return SoupResult(output_dir=target, lineage=lineage)
 
 
-def log_lineage(config: SoupConfig, lineage: dict[str, Any], tracking_uri: str | None) -> str:
-    """One MLflow run per soup: ingredient sources and weights as params, held-out scores as metrics."""
-    import mlflow
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(config.mlflow.experiment)
-    run_name = config.run_name or f"soup-{Path(config.output_dir).name}"
-    with mlflow.start_run(run_name=run_name, tags={"gemb.job": "soup", **config.mlflow.tags}) as run:
-        params: dict[str, Any] = {"method": config.method, "output_dir": config.output_dir}
-        for n, ingredient in enumerate(lineage["ingredients"]):
-            params[f"ingredient_{n}"] = ingredient["source"]
-            params[f"weight_{n}"] = ingredient["weight"]
-        mlflow.log_params(params)
-        greedy = lineage.get("greedy")
-        if greedy:
-            metrics = {f"score_{n}": s for n, s in enumerate(greedy["individual_scores"])}
-            mlflow.log_metrics({**metrics, "soup_score": greedy["soup_score"]})
-        mlflow.log_dict(lineage, "soup.json")
-        _log_sentence_transformers_model(Path(config.output_dir) / "sentence_transformers")
-        return run.info.run_id
+def run_soup(config: SoupConfig, score_fn: Callable[[Path], float] | None = None) -> SoupResult:
+    """The soup job: `make_soup` inside one tracked run (opened first, so a tracking server that does not answer
+    fails the job before any work), then its lineage logged."""
+    output_dir = Path(config.output_dir)
+    run_name = config.run_name or f"soup-{output_dir.name}"
+    with job_tracker(config, job="soup", run_dir=output_dir.parent, run_name=run_name) as tracker:
+        result = make_soup(config, score_fn)
+        log_lineage(tracker, result)
+    return result
 
 
-def _log_sentence_transformers_model(st_dir: Path):
-    """The soup as an MLflow sentence-transformers model, its prompts and MRL dims in the model metadata.
+def log_lineage(tracker: Tracker, result: SoupResult) -> None:
+    """Ingredient sources and weights as params, held-out scores as metrics, `soup.json`, and the
+    sentence-transformers export as an MLflow model whose metadata holds the MRL dims and prompts.
 
     Loaders pick a size with `SentenceTransformer(path, truncate_dim=d)`, d one of `metadata["mrl_dims"]`.
     """
-    if not st_dir.is_dir():
-        return None
-    import mlflow
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(st_dir), device="cpu")
-    export_info = (
-        json.loads((st_dir / "gemb_export.json").read_text()) if (st_dir / "gemb_export.json").is_file() else {}
-    )
-    metadata = {"mrl_dims": export_info.get("mrl_dims"), "prompts": model.prompts}
-    return mlflow.sentence_transformers.log_model(model, name="sentence_transformers", metadata=metadata)
+    lineage = result.lineage
+    params: dict[str, Any] = {}
+    for n, ingredient in enumerate(lineage["ingredients"]):
+        params[f"ingredient_{n}"] = ingredient["source"]
+        params[f"weight_{n}"] = ingredient["weight"]
+    tracker.log_params(params)
+    greedy = lineage.get("greedy")
+    if greedy:
+        scores = {f"score_{n}": s for n, s in enumerate(greedy["individual_scores"])}
+        tracker.log({**scores, "soup_score": greedy["soup_score"]}, step=0)
+    tracker.log_artifact(result.output_dir / LINEAGE_FILE)
+    st_dir = result.output_dir / "sentence_transformers"
+    if st_dir.is_dir():
+        export_info = json.loads((st_dir / EXPORT_INFO_FILE).read_text())
+        prompts = json.loads((st_dir / "config_sentence_transformers.json").read_text())["prompts"]
+        tracker.log_sentence_transformers(
+            st_dir, "sentence_transformers", {"mrl_dims": export_info["mrl_dims"], "prompts": prompts}
+        )

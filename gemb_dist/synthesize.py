@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from gemb_dist.batch import text_key
-from gemb_dist.config import Section
+from gemb_dist.config import MLflowConfig, Section
 from gemb_dist.llm_client import ChatClient, Completion, LLMEndpointConfig
 
 RETRIEVAL_TEMPLATE = (
@@ -178,6 +178,11 @@ class SynthesizeJobConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     max_passages: int | None = Field(None, gt=0, description="Use only the first N unique passages.")
     samples_per_shard: int = Field(10_000, gt=0, description="Samples per written shard.")
+    mlflow: MLflowConfig = Field(
+        default_factory=MLflowConfig,
+        description="Tracking: the report is logged when mlflow.tracking_uri or $MLFLOW_TRACKING_URI is set.",
+    )
+    run_name: str | None = Field(None, description="MLflow run name; None = 'synthesize-<output dir name>'.")
 
     @model_validator(mode="after")
     def _check(self) -> SynthesizeJobConfig:
@@ -195,7 +200,7 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
     `synthesize_report.json` (counters included) into `config.output`."""
     from pathlib import Path
 
-    from gemb_dist.mining_pipeline import read_passages, write_dataset, write_json_atomically
+    from gemb_dist.mining_pipeline import read_passages, write_dataset, write_report
 
     if (Path(config.output) / "manifest.json").exists():
         raise ValueError(f"{config.output}: already holds a dataset (manifest.json); choose an empty output directory")
@@ -210,7 +215,7 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
             raise ValueError(f"no valid synthetic samples from {config.input}; see the counts: {report['tasks']}")
         write_dataset(samples, config.output, config.samples_per_shard)
         report.update(input=config.input, output=config.output, llm=client.metrics())
-        write_json_atomically(Path(config.output) / REPORT_NAME, report)
+        write_report(Path(config.output) / REPORT_NAME, report)
         return report
     finally:
         client.close()

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))
-    except ValueError as err:  # bad config, shards or endpoint: one clear line
+    except (ValueError, ConnectionError) as err:  # bad config, shards or endpoint: one clear line
         print(f"mine_negatives: error: {err}", file=sys.stderr)
         return 2
 

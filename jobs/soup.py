@@ -1,6 +1,6 @@
 """ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/soup.py --config jobs/configs/soup.yaml
 
-CPU run without a cluster (the soup is made in this process):
+CPU run without a cluster (the soup is made in this process; `--no-ray` is `--set use_ray=false`):
 
     python jobs/soup.py --config jobs/configs/soup.yaml --no-ray --set output_dir=/tmp/gemb-soup
 
@@ -18,25 +18,27 @@ import json
 import sys
 from typing import Any
 
-from gemb_dist.config import ConfigError, dump_config, load_config
-from gemb_dist.soup import SoupConfig, make_soup
+from gemb_dist.config import dump_config
+from gemb_dist.config_args import add_config_arguments, config_from_args
+from gemb_dist.soup import SoupConfig, run_soup
+
+ALIASES = {"no_ray": "use_ray=false"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True, help="YAML file of SoupConfig")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="dotted override")
-    parser.add_argument("--no-ray", action="store_true", help="make the soup in this process")
+    add_config_arguments(parser, SoupConfig)
+    parser.add_argument("--no-ray", action="store_true", help="same as --set use_ray=false")
     return parser.parse_args(argv)
 
 
 def soup_task(raw_config: dict[str, Any]) -> dict[str, Any]:
-    """Runs on a cluster node: the whole soup, returning its lineage."""
+    """Runs on a cluster node (or here, without Ray): the whole soup job, returning its lineage."""
     import torch
 
     config = SoupConfig.model_validate(raw_config)
     torch.set_num_threads(max(1, int(config.num_cpus)))
-    result = make_soup(config)
+    result = run_soup(config)
     return {"output_dir": str(result.output_dir), **result.lineage}
 
 
@@ -49,16 +51,11 @@ def run_on_ray(config: SoupConfig) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        config = load_config(args.config, args.set, cls=SoupConfig)
-    except ConfigError as err:
-        print(f"soup: error: {err}", file=sys.stderr)
-        return 2
-    print(dump_config(config), flush=True)
-    try:
-        lineage = soup_task(config.model_dump()) if args.no_ray else run_on_ray(config)
-    except ValueError as err:  # bad ingredients (mismatch, missing files): one clear line
+        config = config_from_args(parse_args(argv), SoupConfig, ALIASES)
+        print(dump_config(config), flush=True)
+        lineage = run_on_ray(config) if config.use_ray else soup_task(config.model_dump())
+    except (ValueError, ConnectionError) as err:  # bad config, ingredients or server: one clear line
         print(f"soup: error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(lineage), flush=True)

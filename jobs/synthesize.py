@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))
-    except ValueError as err:  # bad config, input or endpoint: one clear line
+    except (ValueError, ConnectionError) as err:  # bad config, input or endpoint: one clear line
         print(f"synthesize: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,7 @@ import webdataset as wds
 from gemb_dist.data.manifest import ShardInfo, manifest_dict
 from gemb_dist.data.schema import validate_sample
 from gemb_dist.data.storage import MANIFEST_NAME
+from gemb_dist.files import write_atomically
 
 SHARD_PATTERN = "shard-%06d.tar"
 
@@ -96,7 +97,7 @@ def build_shards(
 ) -> BuildReport:
     """Write shards + manifest to `output` (must not already hold a dataset). Returns what was written/skipped."""
     if samples_per_shard <= 0:
-        raise ValueError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
     for path in inputs:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: input file not found")
@@ -147,7 +148,7 @@ def build_shards(
     shards.sort(key=lambda s: s.path)
     report.num_shards = len(shards)
     extra = {"skipped_invalid": report.skipped_invalid, "duplicates_removed": report.duplicates_removed}
-    _write_atomically(out / MANIFEST_NAME, json.dumps(manifest_dict(shards, extra), indent=1).encode())
+    write_atomically(out / MANIFEST_NAME, json.dumps(manifest_dict(shards, extra), indent=1))
     return report
 
 
@@ -169,12 +170,3 @@ def _unique_id(sample: dict, raw: dict, where: str, seen_ids: dict[str, str]) ->
         sample_id = f"{sample_id}#{occurrence}"
     seen_ids[sample_id] = where
     return sample_id
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

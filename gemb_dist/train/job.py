@@ -9,31 +9,26 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemb_dist.config import ConfigError, GembConfig, dump_config, load_config
+from gemb_dist.config import ConfigError, GembConfig, dump_config
+from gemb_dist.config_args import add_config_arguments, config_from_args
+
+# Aliases only: each sets its field like a --set would; without them the config's values stand.
+ALIASES = {"resume": "train.resume=true", "run_name": "train.run_name"}
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config (gemb_dist.config.GembConfig)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="dotted override")
-    # Aliases only: each sets its field like the --set next to it; without them the config's values stand.
+    add_config_arguments(parser, GembConfig)
     parser.add_argument("--resume", action="store_true", help="same as --set train.resume=true")
     parser.add_argument("--run-name", metavar="NAME", help="same as --set train.run_name=NAME")
     return parser.parse_args(argv)
-
-
-def job_overrides(args: argparse.Namespace) -> list[str]:
-    """The --set overrides with the aliases' fields in front (an explicit --set of the same field wins)."""
-    aliases = ["train.resume=true"] if args.resume else []
-    aliases += [f"train.run_name={args.run_name}"] if args.run_name else []
-    return aliases + list(args.set)
 
 
 def load_job_config(args: argparse.Namespace, stage: str) -> GembConfig:
     """The validated config of a `stage` job; packaged model references resolved to local paths."""
     from gemb_dist.train.packaged import resolve_packaged_models
 
-    config = load_config(args.config, job_overrides(args))
+    config = config_from_args(args, GembConfig, ALIASES)
     if config.train.stage != stage:
         raise ConfigError(f"{args.config}: train.stage is {config.train.stage!r}; this job runs {stage!r}")
     if stage == "finetune" and config.data.mode != "finetune":

@@ -78,7 +78,7 @@ def prepare_run(config: GembConfig) -> PreparedRun:
     from gemb_dist.data.manifest import load_manifest
     from gemb_dist.data.mixture import check_mixture
     from gemb_dist.data.storage import Storage, check_s3_location
-    from gemb_dist.train.tracking import probe_tracking_server, resolve_tracking_uri
+    from gemb_dist.train.tracking import configured_tracking_uri, probe_tracking_server, resolve_tracking_uri
 
     storage = resolve_storage_path(config.ray.storage_path)
     check_s3_location(storage, "ray.storage_path")
@@ -97,12 +97,12 @@ def prepare_run(config: GembConfig) -> PreparedRun:
     run_dir = local_run_dir(storage, run_name)
     # Resolved here, on the driver, and forwarded in the config: a worker on another node may not share the
     # driver's environment ($MLFLOW_TRACKING_URI), and all ranks must log to the one store the user looks at.
-    tracking_uri = resolve_tracking_uri(config, run_dir)
+    tracking_uri = resolve_tracking_uri(config.mlflow, run_dir)
     probe_tracking_server(tracking_uri)
     train = config.train.model_copy(update={"run_name": run_name})
     mlflow = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
     prepared = config.model_copy(update={"train": train, "mlflow": mlflow})
-    fallback = not (config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    fallback = configured_tracking_uri(config.mlflow) is None
     return PreparedRun(prepared, storage, run_dir, local_tracking=fallback)
 
 
@@ -193,7 +193,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         trainer.train()
         if rank == 0:
-            tracker.log_model_dir(export_final_model(config, run_dir))
+            tracker.log_artifact(export_final_model(config, run_dir), MODEL_DIR)
         status = "FINISHED"
     finally:
         tracker.close(status)
