@@ -7,6 +7,7 @@ and, where there is a closed set, the allowed values.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    """The embedding model: backbone, Matryoshka dims, attention, prompts, dtype."""
+
     name_or_path: str = Field(
         "sentence-transformers/all-MiniLM-L6-v2",
         description="Hugging Face hub id or local directory of the backbone (or of a saved gemb model).",
@@ -78,6 +81,8 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
+    """The contrastive (NCE) loss over cosine similarities, per MRL dim."""
+
     temperature: float = Field(0.05, gt=0, description="Softmax temperature tau over cosine similarities.")
     mrl_weights: list[float] | None = Field(
         None, description="Weight of each MRL dim's loss, same length as model.mrl_dims; None = equal weights."
@@ -88,6 +93,8 @@ class LossConfig(Section):
 
 
 class GradCacheConfig(Section):
+    """Gradient caching: chunked two-pass encoding, so the global batch does not set activation memory."""
+
     enabled: bool = Field(True, description="Two-pass gradient caching; activation memory is set by the chunk.")
     chunk_size: int = Field(32, gt=0, description="Most texts encoded in one chunk.")
     chunk_tokens: int | None = Field(
@@ -118,6 +125,8 @@ class GradCacheConfig(Section):
 
 
 class OptimizerConfig(Section):
+    """AdamW and its learning-rate schedule."""
+
     lr: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -129,6 +138,8 @@ class OptimizerConfig(Section):
 
 
 class DataConfig(Section):
+    """The training shards and how they are read: batch size, task mixture, data order."""
+
     shards: str = Field("", description="Shard directory or manifest: local path, file:// or s3://bucket/prefix.")
     mode: Literal["prefinetune", "finetune"] = Field(
         "prefinetune", description="prefinetune mixes tasks; finetune draws every global batch from one task."
@@ -169,6 +180,8 @@ class DataConfig(Section):
 
 
 class DeepSpeedConfig(Section):
+    """The DeepSpeed engine: ZeRO stage, precision, offload, communication buckets."""
+
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
@@ -203,6 +216,8 @@ class DeepSpeedConfig(Section):
 
 
 class RayConfig(Section):
+    """The Ray Train run: cluster address, workers, resources, run storage."""
+
     address: str | None = Field(None, description="Ray cluster address; None = the job's cluster or a local one.")
     num_workers: int = Field(2, gt=0, description="Training worker processes (ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -305,6 +320,8 @@ class FaultInjection(Section):
 
 
 class TrainConfig(Section):
+    """The run itself: stage, name, resume, length, seed of the model, checkpoints."""
+
     stage: Literal["prefinetune", "finetune"] = Field("prefinetune", description="Training stage.")
     run_name: str | None = Field(
         None,
@@ -423,14 +440,24 @@ def _format_validation_error(err: ValidationError, root: type[BaseModel]) -> str
 
 
 def _allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys of the section at `loc` (list indices and Optional wrappers are stepped through)."""
     model: Any = root
     for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # an item of a list of sections: the list's field was already resolved
+            continue
+        field = model.model_fields.get(part)
+        sections = _sections_in(field.annotation) if field is not None else []
+        if len(sections) != 1:
             return []
-        model = annotation
+        model = sections[0]
     return sorted(model.model_fields)
+
+
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config sections an annotation holds: `X`, `X | None`, `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [section for arg in typing.get_args(annotation) for section in _sections_in(arg)]
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

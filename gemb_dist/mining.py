@@ -22,6 +22,8 @@ from gemb_dist.evaluate.metrics import normalize_rows
 
 
 class EncoderConfig(Section):
+    """The model that embeds queries and passages for mining, and where it runs."""
+
     path: str = Field(
         ..., description="Any model `gemb eval` accepts: gemb model dir, sentence-transformers dir, plain HF dir."
     )
@@ -36,6 +38,8 @@ class EncoderConfig(Section):
 
 
 class MiningConfig(Section):
+    """Which retrieved candidates become hard negatives: depth, filters on their scores, sampling."""
+
     top_k: int = Field(50, gt=0, description="Candidates retrieved per query (positives excluded): ranks [0, top_k).")
     skip_top: int = Field(0, ge=0, description="Skip the first r candidate ranks (likely unlabelled positives).")
     num_negatives: int = Field(7, gt=0, description="Negatives kept per query.")

@@ -67,6 +67,8 @@ class SynthesisTask(Section):
 
 
 class ValidationConfig(Section):
+    """Checks every generated text must pass to be written."""
+
     min_words: int = Field(2, gt=0, description="Generated texts with fewer words are rejected.")
     max_words: int = Field(80, gt=0, description="Generated texts with more words are rejected.")
     max_passage_overlap: float = Field(
