@@ -314,6 +314,18 @@ class TrainMLflowConfig(MLflowConfig):
     )
 
 
+class TrackedJobConfig(Section):
+    """Base of the one-process jobs' roots (eval, soup, mining, synthesis): the shared `mlflow` section and the
+    name of the one run each job logs."""
+
+    mlflow: MLflowConfig = Field(
+        default_factory=MLflowConfig,
+        description="Tracking: the job logs one run (config, results, output files) when mlflow.tracking_uri or "
+        "$MLFLOW_TRACKING_URI is set, nothing otherwise.",
+    )
+    run_name: str | None = Field(None, description="MLflow run name; None = '<job>-<name of its output>'.")
+
+
 class FaultInjection(Section):
     rank: int = Field(1, ge=0, description="Rank that raises.")
     step: int = Field(..., gt=0, description="Step at which it raises (once per run, on the first attempt).")

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from gemb_dist.batch import text_key
-from gemb_dist.config import MLflowConfig, Section
+from gemb_dist.config import TrackedJobConfig
 from gemb_dist.data.build import build_shards
 from gemb_dist.data.jsonl import read_jsonl
 from gemb_dist.data.manifest import load_manifest
@@ -40,7 +40,7 @@ from gemb_dist.mining import (
 REPORT_NAME = "mining_report.json"
 
 
-class MineJobConfig(Section):
+class MineJobConfig(TrackedJobConfig):
     """Configuration of `jobs/mine_negatives.py`."""
 
     input: str = Field(..., description="Shard directory or manifest (local, file:// or s3://) of (query, positive).")
@@ -63,11 +63,6 @@ class MineJobConfig(Section):
     )
     filter_pairs: bool = Field(False, description="Drop (query, positive) pairs the LLM judges irrelevant.")
     samples_per_shard: int = Field(10_000, gt=0, description="Samples per written shard.")
-    mlflow: MLflowConfig = Field(
-        default_factory=MLflowConfig,
-        description="Tracking: the report is logged when mlflow.tracking_uri or $MLFLOW_TRACKING_URI is set.",
-    )
-    run_name: str | None = Field(None, description="MLflow run name; None = 'mine-<output dir name>'.")
 
     @model_validator(mode="after")
     def _check(self) -> MineJobConfig:

@@ -33,7 +33,7 @@ import yaml
 from pydantic import Field, model_validator
 from safetensors import safe_open
 
-from gemb_dist.config import MLflowConfig, Section
+from gemb_dist.config import Section, TrackedJobConfig
 from gemb_dist.evaluate import TASK_METRICS
 from gemb_dist.export import EXPORT_INFO_FILE
 from gemb_dist.files import atomic_dir, atomic_file
@@ -106,7 +106,7 @@ class HeldOutConfig(Section):
         return self
 
 
-class SoupConfig(Section):
+class SoupConfig(TrackedJobConfig):
     """The configuration of a soup job (`jobs/soup.py`)."""
 
     ingredients: list[IngredientConfig] = Field(..., min_length=1, description="Checkpoints to average.")
@@ -123,12 +123,6 @@ class SoupConfig(Section):
         "process (`jobs/soup.py --no-ray`).",
     )
     num_cpus: float = Field(1, gt=0, description="CPUs reserved by the Ray task that makes the soup.")
-    mlflow: MLflowConfig = Field(
-        default_factory=MLflowConfig,
-        description="Tracking: lineage (ingredients, weights, scores) and the soup as an MLflow model are logged "
-        "when mlflow.tracking_uri or $MLFLOW_TRACKING_URI is set; MLflow-run ingredients are read from there.",
-    )
-    run_name: str | None = Field(None, description="MLflow run name; None = 'soup-<output dir name>'.")
 
     @model_validator(mode="after")
     def _check(self) -> SoupConfig:

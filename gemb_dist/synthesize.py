@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from gemb_dist.batch import text_key
-from gemb_dist.config import MLflowConfig, Section
+from gemb_dist.config import Section, TrackedJobConfig
 from gemb_dist.llm_client import ChatClient, Completion, LLMEndpointConfig
 
 RETRIEVAL_TEMPLATE = (
@@ -170,7 +170,7 @@ def _to_sample(
     return {"task": task.name, "query": text, "positive": positive, "negatives": negatives, "id": sample_id}, None
 
 
-class SynthesizeJobConfig(Section):
+class SynthesizeJobConfig(TrackedJobConfig):
     """Configuration of `jobs/synthesize.py`."""
 
     input: str = Field(..., description="Passages: a .txt (one per line), a .jsonl with `text`, or shards (positives).")
@@ -180,11 +180,6 @@ class SynthesizeJobConfig(Section):
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
     max_passages: int | None = Field(None, gt=0, description="Use only the first N unique passages.")
     samples_per_shard: int = Field(10_000, gt=0, description="Samples per written shard.")
-    mlflow: MLflowConfig = Field(
-        default_factory=MLflowConfig,
-        description="Tracking: the report is logged when mlflow.tracking_uri or $MLFLOW_TRACKING_URI is set.",
-    )
-    run_name: str | None = Field(None, description="MLflow run name; None = 'synthesize-<output dir name>'.")
 
     @model_validator(mode="after")
     def _check(self) -> SynthesizeJobConfig:

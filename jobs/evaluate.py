@@ -14,20 +14,13 @@ absolute or on shared storage: a job's working dir is a temporary copy. `gemb ev
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from gemb_dist.evaluate.cli import add_arguments, run
+from gemb_dist.evaluate.cli import COMMAND
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except (ValueError, ConnectionError) as err:  # bad config, task files, model dir or server: one clear line
-        print(f"evaluate: error: {err}", file=sys.stderr)
-        return 2
+    return COMMAND.main(argv, "evaluate")
 
 
 if __name__ == "__main__":

@@ -13,23 +13,12 @@ Prints the soup's lineage (ingredients, weights, held-out scores) as one JSON li
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any
 
-from gemb_dist.config import dump_config
-from gemb_dist.config_args import add_config_arguments, config_from_args
+from gemb_dist.config_args import JobCommand
 from gemb_dist.soup import SoupConfig, run_soup
-
-ALIASES = {"no_ray": "use_ray=false"}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_config_arguments(parser, SoupConfig)
-    parser.add_argument("--no-ray", action="store_true", help="same as --set use_ray=false")
-    return parser.parse_args(argv)
 
 
 def soup_task(raw_config: dict[str, Any]) -> dict[str, Any]:
@@ -42,24 +31,27 @@ def soup_task(raw_config: dict[str, Any]) -> dict[str, Any]:
     return {"output_dir": str(result.output_dir), **result.lineage}
 
 
-def run_on_ray(config: SoupConfig) -> dict[str, Any]:
-    import ray
+def soup(config: SoupConfig) -> int:
+    """Make the soup in one Ray task (`ray.init()` joins the job's cluster) or here; print its lineage."""
+    if config.use_ray:
+        import ray
 
-    ray.init()  # inside `ray job submit` this joins the job's cluster (RAY_ADDRESS)
-    task = ray.remote(num_cpus=config.num_cpus, max_retries=0)(soup_task)
-    return ray.get(task.remote(config.model_dump()))
+        ray.init()
+        task = ray.remote(num_cpus=config.num_cpus, max_retries=0)(soup_task)
+        lineage = ray.get(task.remote(config.model_dump()))
+    else:
+        lineage = soup_task(config.model_dump())
+    print(json.dumps(lineage), flush=True)
+    return 0
+
+
+COMMAND = JobCommand(
+    SoupConfig, soup, help="Average checkpoints into a model soup.", aliases={"--no-ray": "use_ray=false"}
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = config_from_args(parse_args(argv), SoupConfig, ALIASES)
-        print(dump_config(config), flush=True)
-        lineage = run_on_ray(config) if config.use_ray else soup_task(config.model_dump())
-    except (ValueError, ConnectionError) as err:  # bad config, ingredients or server: one clear line
-        print(f"soup: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(lineage), flush=True)
-    return 0
+    return COMMAND.main(argv, "soup")
 
 
 if __name__ == "__main__":

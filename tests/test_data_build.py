@@ -78,7 +78,7 @@ def test_bad_line_fails_with_file_and_line(tmp_path, capsys):
     assert main(args) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["skipped_invalid"] == 2
-    assert f"{tmp_path / 'b.jsonl'}:2: not valid JSON" in captured.err
+    assert f"{tmp_path / 'b.jsonl'}:2: invalid JSON" in captured.err
 
 
 def test_dedupe_and_duplicate_ids(tmp_path, capsys):

@@ -7,7 +7,6 @@ complete; the manifest is renamed into place last, so a crash never leaves a man
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import webdataset as wds
 
+from gemb_dist.data.jsonl import iter_jsonl
 from gemb_dist.data.manifest import ShardInfo, manifest_dict
 from gemb_dist.data.schema import validate_sample
 from gemb_dist.data.storage import MANIFEST_NAME
@@ -46,15 +46,8 @@ def iter_raw_samples(path: str) -> Iterator[tuple[str, object]]:
         return
     if not (path.endswith(".jsonl") or path.endswith(".jsonl.gz") or path.endswith(".json")):
         raise ValueError(f"{path}: unsupported input type; use .jsonl, .jsonl.gz or .parquet")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                yield f"{path}:{number}", ValueError(f"{path}:{number}: not valid JSON ({err.msg})")
+    for number, record in iter_jsonl(path):
+        yield f"{path}:{number}", record
 
 
 class _ShardWriter:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from gemb_dist.config import MLflowConfig, Section
+from gemb_dist.config import TrackedJobConfig
 from gemb_dist.evaluate import TASK_METRICS, metrics, tasks
 from gemb_dist.evaluate.encoders import Encoder, load_encoder
 from gemb_dist.files import write_atomically
@@ -36,7 +36,7 @@ class TaskFiles:
     pairs: str | None = None
 
 
-class EvalConfig(Section):
+class EvalConfig(TrackedJobConfig):
     """An evaluation job (`gemb eval`, `jobs/evaluate.py`)."""
 
     model: str = Field(..., description="Gemb model dir, sentence-transformers dir or Hugging Face model dir.")
@@ -50,12 +50,6 @@ class EvalConfig(Section):
     ray_actors: int = Field(0, ge=0, description="Encode on this many Ray actors; 0 = in this process.")
     device: str | None = Field(None, description="Torch device of the encoder; None = cpu.")
     out: str = Field("results.json", description="Results JSON path; the MRL plot goes beside it (.png).")
-    mlflow: MLflowConfig = Field(
-        default_factory=MLflowConfig,
-        description="Tracking: results, table and plot are logged when mlflow.tracking_uri or $MLFLOW_TRACKING_URI "
-        "is set.",
-    )
-    run_name: str | None = Field(None, description="MLflow run name; None = 'eval-<model dir name>'.")
     progress: bool = Field(True, description="Show progress bars.")
 
     @model_validator(mode="after")
