@@ -7,7 +7,7 @@ CPU run without a cluster (the soup is made in this process; `--no-ray` is `--se
 Averages fine-tuned checkpoints into a model soup (uniform, weighted, or greedy by a held-out score).
 The soup runs inside one Ray task (`ray.init()` joins the job's cluster), so it executes on a cluster node that
 mounts the run storage; give absolute (or shared-storage) paths, since a job's working dir is a temporary copy.
-Ingredients are model dirs (`<storage>/<run>/model`), ZeRO checkpoints or MLflow run ids (see gemb_dist/soup.py).
+Ingredients are model dirs (`<storage>/<run>/model`), ZeRO checkpoints or MLflow run ids (gemb_dist/soup/).
 Prints the soup's lineage (ingredients, weights, held-out scores) as one JSON line.
 """
 

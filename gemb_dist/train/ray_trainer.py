@@ -267,7 +267,7 @@ def export_final_model(config: GembConfig, run_dir: Path) -> Path:
     """Rank 0: consolidate the latest checkpoint into `<storage>/<run>/model` (fp32 safetensors)."""
     import ray.train
 
-    from gemb_dist.train.checkpoint import consolidate_checkpoint
+    from gemb_dist.train.consolidate import consolidate_checkpoint
 
     storage = resolve_storage_path(config.ray.storage_path)
     with ray.train.get_checkpoint().as_directory() as checkpoint_dir:
