@@ -18,9 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import BaseModel
-
-from gemb_dist.config import GembConfig, MLflowConfig, tracking_uri_problem
+from gemb_dist.config import GembConfig, MLflowConfig, TrackedJobConfig, tracking_uri_problem
 
 # MLflow's limits on one param (mlflow.utils.validation); longer values are shortened, the full config is
 # always logged as a YAML artifact next to the params.
@@ -117,9 +115,9 @@ def build_tracker(
 
 
 def job_tracker(
-    config: BaseModel, *, job: str, run_dir: str | Path, run_name: str, tags: Mapping[str, str] | None = None
+    config: TrackedJobConfig, *, job: str, run_dir: str | Path, run_name: str, tags: Mapping[str, str] | None = None
 ) -> Tracker:
-    """The tracker of a one-process job (`config.mlflow` an MLflowConfig): one MLflow run tagged `gemb.job=<job>`
+    """The tracker of a one-process job (eval, soup, mining, synthesis): one MLflow run tagged `gemb.job=<job>`
     when mlflow.tracking_uri or $MLFLOW_TRACKING_URI names a store, else a no-op. Opened before the job's work,
     so a server that does not answer fails the job at once, naming the URI."""
     uri = configured_tracking_uri(config.mlflow)
