@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ValueError as err:  # bad input: one clear line, no traceback
+    except (ValueError, ConnectionError) as err:  # bad input or an unreachable server: one clear line
         print(f"gemb {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,11 +7,12 @@ and, where there is a closed set, the allowed values.
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -25,6 +26,8 @@ class Section(BaseModel):
 
 
 class ModelConfig(Section):
+    """The embedding model: backbone, Matryoshka dims, attention, prompts, dtype."""
+
     name_or_path: str = Field(
         "sentence-transformers/all-MiniLM-L6-v2",
         description="Hugging Face hub id or local directory of the backbone (or of a saved gemb model).",
@@ -78,6 +81,8 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
+    """The contrastive (NCE) loss over cosine similarities, per MRL dim."""
+
     temperature: float = Field(0.05, gt=0, description="Softmax temperature tau over cosine similarities.")
     mrl_weights: list[float] | None = Field(
         None, description="Weight of each MRL dim's loss, same length as model.mrl_dims; None = equal weights."
@@ -88,6 +93,8 @@ class LossConfig(Section):
 
 
 class GradCacheConfig(Section):
+    """Gradient caching: chunked two-pass encoding, so the global batch does not set activation memory."""
+
     enabled: bool = Field(True, description="Two-pass gradient caching; activation memory is set by the chunk.")
     chunk_size: int = Field(32, gt=0, description="Most texts encoded in one chunk.")
     chunk_tokens: int | None = Field(
@@ -118,6 +125,8 @@ class GradCacheConfig(Section):
 
 
 class OptimizerConfig(Section):
+    """AdamW and its learning-rate schedule."""
+
     lr: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -129,6 +138,8 @@ class OptimizerConfig(Section):
 
 
 class DataConfig(Section):
+    """The training shards and how they are read: batch size, task mixture, data order."""
+
     shards: str = Field("", description="Shard directory or manifest: local path, file:// or s3://bucket/prefix.")
     mode: Literal["prefinetune", "finetune"] = Field(
         "prefinetune", description="prefinetune mixes tasks; finetune draws every global batch from one task."
@@ -139,7 +150,11 @@ class DataConfig(Section):
         None, description="Fine-tuning task sampling weights; None = proportional to task size."
     )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
-    seed: int = Field(0, description="Seed of shard order, shuffling and the task schedule.")
+    seed: int = Field(
+        0,
+        description="Seed of the data order alone: shard order, shuffling and the fine-tuning task schedule "
+        "(model init and dropout follow train.seed).",
+    )
     shuffle_buffer: int = Field(
         1000,
         ge=0,
@@ -154,6 +169,8 @@ class DataConfig(Section):
     )
     verify_sha256: bool = Field(True, description="Check shard hashes against the manifest before training.")
 
+    _shards_is_a_location = field_validator("shards")(lambda value: check_location(value))
+
     @model_validator(mode="after")
     def _check_weights(self) -> DataConfig:
         weights = self.task_weights
@@ -163,6 +180,8 @@ class DataConfig(Section):
 
 
 class DeepSpeedConfig(Section):
+    """The DeepSpeed engine: ZeRO stage, precision, offload, communication buckets."""
+
     zero_stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
@@ -197,6 +216,8 @@ class DeepSpeedConfig(Section):
 
 
 class RayConfig(Section):
+    """The Ray Train run: cluster address, workers, resources, run storage."""
+
     address: str | None = Field(None, description="Ray cluster address; None = the job's cluster or a local one.")
     num_workers: int = Field(2, gt=0, description="Training worker processes (ranks).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
@@ -206,18 +227,58 @@ class RayConfig(Section):
     storage_path: str = Field("runs", description="Run storage: local directory or s3:// URI (shared by all nodes).")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts before the run fails (-1 = unlimited).")
 
+    _storage_is_a_location = field_validator("storage_path")(lambda value: check_location(value))
+
+
+# Stores MLflow can log to: a tracking server (http, https), a local file or sqlite store, a database backend.
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+# Where datasets and runs may live: a local path (no scheme), file:// or s3://.
+LOCATION_SCHEMES = ("file", "s3")
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """Why `uri` is not an MLflow tracking URI (None when it is): a scheme is required, so `127.0.0.1:5000` is
+    refused rather than read as a relative directory named `127.0.0.1:5000`."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and rest and scheme.split("+")[0].lower() in TRACKING_SCHEMES:
+        return None
+    allowed = ", ".join(f"{s}://" for s in TRACKING_SCHEMES)
+    return f"{uri!r} has no known scheme; use one of {allowed} (e.g. http://127.0.0.1:5000)"
+
+
+def location_problem(location: str) -> str | None:
+    """Why `location` is not a local path, file:// or s3:// URI (None when it is)."""
+    scheme, colon, rest = location.partition(":")
+    looks_like_url = colon and len(scheme) > 1 and scheme.replace("+", "").replace(".", "").isalnum()
+    if not looks_like_url or (scheme in LOCATION_SCHEMES and rest.startswith("//") and len(rest) > 2):
+        return None
+    return f"{location!r} is not a local path, file:// or s3:// URI (e.g. s3://bucket/prefix)"
+
+
+def check_location(location: str) -> str:
+    """A field validator: `location` unchanged, or ValueError saying which schemes a location may have."""
+    if problem := location_problem(location):
+        raise ValueError(problem)
+    return location
+
 
 class MLflowConfig(Section):
+    """Experiment tracking of every job (training, eval, soup, mining, synthesis): one `mlflow` section type.
+
+    Training jobs add per-step knobs (TrainMLflowConfig); the other jobs log one run each, with their config as
+    params and `config.yaml`, their results as metrics and their output files as artifacts.
+    """
+
     tracking_uri: str | None = Field(
-        None, description="Tracking server URI; None = $MLFLOW_TRACKING_URI, else sqlite under the run directory."
+        None,
+        description="Tracking store URI with its scheme (http://host:5000, https://, sqlite:///path.db, file://); "
+        "None = $MLFLOW_TRACKING_URI; when neither is set, training logs to a sqlite store in its run directory "
+        "and the other jobs log nothing.",
     )
     experiment: str = Field("gemb-dist", description="MLflow experiment name.")
-    log_every: int = Field(1, gt=0, description="Log metrics every N optimizer steps.")
-    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
     tags: dict[str, str] = Field(default_factory=dict, description="Extra run tags.")
-    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system metric samples.")
     retries: int = Field(
-        3, ge=0, description="Retries of a failed MLflow call (exponential backoff) before training goes on without it."
+        3, ge=0, description="Retries of a failed MLflow call (exponential backoff) before the job goes on without it."
     )
     retry_backoff_s: float = Field(
         1.0,
@@ -231,9 +292,38 @@ class MLflowConfig(Section):
     flush_timeout_s: float = Field(
         60.0,
         ge=0,
-        description="At the end of a run, seconds to wait for a server that is down to take the buffered metrics; "
-        "what is left is saved to <run>/mlflow_undelivered_metrics.jsonl for `gemb mlflow sync RUN_DIR`.",
+        description="At the end of a job, seconds to wait for a server that is down to take the buffered metrics; "
+        "what is left is saved to <run dir>/mlflow_undelivered_metrics.jsonl for `gemb mlflow sync RUN_DIR`.",
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _has_scheme(cls, uri: str | None) -> str | None:
+        if uri is not None and (problem := tracking_uri_problem(uri)):
+            raise ValueError(problem)
+        return uri
+
+
+class TrainMLflowConfig(MLflowConfig):
+    """A training job's `mlflow` section: the shared MLflowConfig plus the per-step knobs only training has."""
+
+    log_every: int = Field(1, gt=0, description="Training only: log metrics every N optimizer steps.")
+    system_metrics: bool = Field(True, description="Training only: log CPU/GPU/memory system metrics.")
+    system_metrics_interval_s: float = Field(
+        10.0, gt=0, description="Training only: seconds between system metric samples."
+    )
+
+
+class TrackedJobConfig(Section):
+    """Base of the one-process jobs' roots (eval, soup, mining, synthesis): the shared `mlflow` section and the
+    name of the one run each job logs."""
+
+    mlflow: MLflowConfig = Field(
+        default_factory=MLflowConfig,
+        description="Tracking: the job logs one run (config, results, output files) when mlflow.tracking_uri or "
+        "$MLFLOW_TRACKING_URI is set, nothing otherwise.",
+    )
+    run_name: str | None = Field(None, description="MLflow run name; None = '<job>-<name of its output>'.")
 
 
 class FaultInjection(Section):
@@ -242,13 +332,25 @@ class FaultInjection(Section):
 
 
 class TrainConfig(Section):
+    """The run itself: stage, name, resume, length, seed of the model, checkpoints."""
+
     stage: Literal["prefinetune", "finetune"] = Field("prefinetune", description="Training stage.")
-    run_name: str | None = Field(None, description="Run name; None = a unique `<stage>-<timestamp>` name.")
-    resume: bool = Field(False, description="Continue the run named `run_name` from its latest checkpoint.")
+    run_name: str | None = Field(
+        None,
+        description="Run name (Ray Train run under ray.storage_path and MLflow run name); None = a unique "
+        "`<stage>-<timestamp>-<random>` name. An existing name is refused unless `resume` is set.",
+    )
+    resume: bool = Field(
+        False, description="Continue the existing run named `run_name` from its latest checkpoint (needs run_name)."
+    )
     init_from: str | None = Field(None, description="Fine-tuning: initialise from this gemb model dir.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     epochs: int = Field(1, gt=0, description="Passes over the data (when max_steps is unset or larger).")
-    seed: int = Field(0, description="Seed of model init, dropout and data.")
+    seed: int = Field(
+        0,
+        description="Seed of the model's random init (projection, random backbones; identical on every rank) and "
+        "of each rank's dropout masks (mixed with the rank). The data order is data.seed's alone.",
+    )
     log_every: int = Field(1, gt=0, description="Print progress every N steps.")
     checkpoint_every: int = Field(100, gt=0, description="Checkpoint every N steps (and always at the end).")
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the newest K).")
@@ -261,6 +363,12 @@ class TrainConfig(Section):
         None, description="Tests and chaos drills: raise on `rank` at `step` of the first attempt."
     )
 
+    @model_validator(mode="after")
+    def _check_resume(self) -> TrainConfig:
+        if self.resume and not self.run_name:
+            raise ValueError("train.resume needs train.run_name: the name of the run to continue")
+        return self
+
 
 class GembConfig(Section):
     """The root of a training job's configuration."""
@@ -272,7 +380,7 @@ class GembConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    mlflow: TrainMLflowConfig = Field(default_factory=TrainMLflowConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
     @model_validator(mode="after")
@@ -344,14 +452,24 @@ def _format_validation_error(err: ValidationError, root: type[BaseModel]) -> str
 
 
 def _allowed_keys(root: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys of the section at `loc` (list indices and Optional wrappers are stepped through)."""
     model: Any = root
     for part in loc:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # an item of a list of sections: the list's field was already resolved
+            continue
+        field = model.model_fields.get(part)
+        sections = _sections_in(field.annotation) if field is not None else []
+        if len(sections) != 1:
             return []
-        model = annotation
+        model = sections[0]
     return sorted(model.model_fields)
+
+
+def _sections_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config sections an annotation holds: `X`, `X | None`, `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [section for arg in typing.get_args(annotation) for section in _sections_in(arg)]
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

@@ -8,11 +8,14 @@ from pathlib import Path
 
 from gemb_dist.config import dump_config, load_config
 
-# job -> the config class its YAML files validate against; a file's job is read from its name (soup_qwen.yaml ->
-# soup), any other name is a training config (prefinetune, finetune, smoke).
+# Every config root: job or command -> the config class its YAML files validate against. A file's job is read
+# from its name (soup_qwen.yaml -> soup); any other name is a training config (prefinetune, finetune, smoke).
 SCHEMAS = {
     "train": "gemb_dist.config:GembConfig",
+    "build_data": "gemb_dist.data.build_job:BuildDataConfig",
+    "data_audit": "gemb_dist.data.audit:AuditConfig",
     "evaluate": "gemb_dist.evaluate.runner:EvalConfig",
+    "export": "gemb_dist.export:ExportConfig",
     "mine_negatives": "gemb_dist.mining_pipeline:MineJobConfig",
     "soup": "gemb_dist.soup:SoupConfig",
     "synthesize": "gemb_dist.synthesize:SynthesizeJobConfig",
@@ -28,12 +31,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=_show)
 
 
+def schema(job: str) -> type:
+    """The config class of `job` (a key of SCHEMAS)."""
+    module, _, name = SCHEMAS[job].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _schema(job: str | None, path: str | None) -> type:
     if job is None:
         stem = Path(path).stem if path else ""
         job = next((name for name in SCHEMAS if name != "train" and stem.startswith(name)), "train")
-    module, _, name = SCHEMAS[job].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return schema(job)
 
 
 def _show(args: argparse.Namespace) -> int:

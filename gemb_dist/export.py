@@ -1,6 +1,6 @@
 """Export a gemb model for serving: the sentence-transformers layout or a plain Hugging Face directory.
 
-`gemb export --model DIR --out DIR [--format sentence-transformers|hf]`
+`gemb export --model DIR --out DIR [--set format=hf] [--config FILE]` (ExportConfig)
 
 - `sentence-transformers`: modules.json with Transformer (the backbone at the root), mean Pooling, Dense (the
   projection, identity activation) and Normalize; task prompts as sentence-transformers prompt prefixes; the
@@ -18,13 +18,19 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field
 from safetensors.torch import save_file
 
-from gemb_dist.model import PROJECTION_FILE, EmbeddingModel, atomic_dir
+from gemb_dist.config import Section
+from gemb_dist.config_args import add_config_arguments, config_from_args
+from gemb_dist.files import atomic_dir
+from gemb_dist.model import PROJECTION_FILE, EmbeddingModel
 
 FORMATS = ("sentence-transformers", "hf")
+ALIASES = {"model": "model", "out": "out"}
 EXPORT_INFO_FILE = "gemb_export.json"
 # sentence-transformers' own prompt names: encode_query() uses "query", encode_document() uses "document".
 QUERY_PROMPT, DOCUMENT_PROMPT = "query", "document"
@@ -131,11 +137,23 @@ def export_hf(model: EmbeddingModel, path: str | os.PathLike) -> None:
         _write_info(model, out, "hf", None)
 
 
+class ExportConfig(Section):
+    """What `gemb export` writes, from which model."""
+
+    model: str = Field(..., description="Gemb model directory (written by EmbeddingModel.save, a run or the soup).")
+    out: str = Field(..., description="Output directory; replaced atomically if it exists.")
+    format: Literal["sentence-transformers", "hf"] = Field(
+        "sentence-transformers",
+        description="sentence-transformers: its module layout with prompts and MRL dims; hf: the backbone as a plain "
+        "transformers directory plus projection.safetensors.",
+    )
+
+
 def export_model(model_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "sentence-transformers") -> None:
     if fmt not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if Path(out).resolve() == Path(model_dir).resolve():
-        raise ValueError(f"--out {out} must differ from --model {model_dir}")
+        raise ValueError(f"out {out} must differ from model {model_dir}")
     model = EmbeddingModel.load(model_dir)
     (export_sentence_transformers if fmt == "sentence-transformers" else export_hf)(model, out)
 
@@ -146,15 +164,16 @@ def register(subparsers) -> None:
         help="Export a saved gemb model as a sentence-transformers or plain Hugging Face directory.",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--model", required=True, help="Directory written by EmbeddingModel.save (or the soup).")
-    parser.add_argument("--out", required=True, help="Output directory (replaced atomically if it exists).")
-    parser.add_argument("--format", default="sentence-transformers", choices=FORMATS, help="Output layout.")
+    add_config_arguments(parser, ExportConfig, required=False)
+    parser.add_argument("--model", metavar="DIR", help="same as --set model=DIR")
+    parser.add_argument("--out", metavar="DIR", help="same as --set out=DIR")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    export_model(args.model, args.out, args.format)
-    print(json.dumps({"exported": str(args.out), "format": args.format}))
+    config = config_from_args(args, ExportConfig, ALIASES)
+    export_model(config.model, config.out, config.format)
+    print(json.dumps({"exported": config.out, "format": config.format}))
     return 0
 
 

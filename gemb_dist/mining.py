@@ -22,15 +22,24 @@ from gemb_dist.evaluate.metrics import normalize_rows
 
 
 class EncoderConfig(Section):
+    """The model that embeds queries and passages for mining, and where it runs."""
+
     path: str = Field(
         ..., description="Any model `gemb eval` accepts: gemb model dir, sentence-transformers dir, plain HF dir."
     )
     batch_size: int = Field(64, gt=0, description="Texts per forward pass.")
-    num_actors: int = Field(2, gt=0, description="Ray embedding actors (one CPU each) when Ray is initialised.")
+    num_actors: int = Field(
+        0,
+        ge=0,
+        description="Ray embedding actors, one CPU each (joining the job's Ray cluster, else starting a local one); "
+        "0 = embed in this process.",
+    )
     device: str | None = Field(None, description="torch device of the encoder; None = CPU.")
 
 
 class MiningConfig(Section):
+    """Which retrieved candidates become hard negatives: depth, filters on their scores, sampling."""
+
     top_k: int = Field(50, gt=0, description="Candidates retrieved per query (positives excluded): ranks [0, top_k).")
     skip_top: int = Field(0, ge=0, description="Skip the first r candidate ranks (likely unlabelled positives).")
     num_negatives: int = Field(7, gt=0, description="Negatives kept per query.")
@@ -59,18 +68,19 @@ class MiningConfig(Section):
 # ------------------------------------------------------------------------------------------------ embedding
 class EmbeddingPool:
     """Embeds texts through the evaluation encoders (`gemb_dist.evaluate.encoders`): on `num_actors` Ray actors
-    when Ray is initialised in this process (`backend == "ray"`), else in this process (`backend == "local"`).
+    (`backend == "ray"`), or in this process when `num_actors` is 0 (`backend == "local"`).
     Output rows follow input order and are L2-normalised, so inner products are cosines."""
 
     def __init__(self, config: EncoderConfig):
-        import ray
-
         from gemb_dist.evaluate.encoders import load_encoder
 
-        self.backend = "ray" if ray.is_initialized() else "local"
-        actors = config.num_actors if self.backend == "ray" else 0
+        self.backend = "ray" if config.num_actors > 0 else "local"
         self.encoder = load_encoder(
-            config.path, batch_size=config.batch_size, device=config.device, progress=False, ray_actors=actors
+            config.path,
+            batch_size=config.batch_size,
+            device=config.device,
+            progress=False,
+            ray_actors=config.num_actors,
         )
 
     def encode(self, texts: Sequence[str], *, is_query: bool, task: str | None = None) -> np.ndarray:

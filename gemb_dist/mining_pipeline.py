@@ -6,7 +6,6 @@ irrelevant, mine hard negatives (optionally re-ranked by the LLM judge), write f
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -18,12 +17,13 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from gemb_dist.batch import text_key
-from gemb_dist.config import Section
+from gemb_dist.config import TrackedJobConfig
 from gemb_dist.data.build import build_shards
 from gemb_dist.data.jsonl import read_jsonl
 from gemb_dist.data.manifest import load_manifest
 from gemb_dist.data.reader import BadSample, ShardReader
 from gemb_dist.data.storage import Storage
+from gemb_dist.files import write_atomically
 from gemb_dist.filtering import filter_pairs
 from gemb_dist.judge import JudgeClient, JudgeConfig
 from gemb_dist.mining import (
@@ -40,15 +40,7 @@ from gemb_dist.mining import (
 REPORT_NAME = "mining_report.json"
 
 
-class TrackingConfig(Section):
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI, and no logging when neither is set."
-    )
-    experiment: str = Field("gemb-dist-data", description="MLflow experiment of data jobs.")
-    run_name: str | None = Field(None, description="MLflow run name; None = MLflow's default.")
-
-
-class MineJobConfig(Section):
+class MineJobConfig(TrackedJobConfig):
     """Configuration of `jobs/mine_negatives.py`."""
 
     input: str = Field(..., description="Shard directory or manifest (local, file:// or s3://) of (query, positive).")
@@ -71,7 +63,6 @@ class MineJobConfig(Section):
     )
     filter_pairs: bool = Field(False, description="Drop (query, positive) pairs the LLM judges irrelevant.")
     samples_per_shard: int = Field(10_000, gt=0, description="Samples per written shard.")
-    mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> MineJobConfig:
@@ -282,10 +273,9 @@ def write_dataset(samples: list[dict[str, Any]], output: str, samples_per_shard:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """A data job's report JSON (atomically: a reader never sees half a report)."""
+    write_atomically(path, json.dumps(report, indent=1, sort_keys=True) + "\n")
 
 
 def run_mining(config: MineJobConfig, pool: EmbeddingPool | None = None) -> dict[str, Any]:
@@ -321,35 +311,8 @@ def run_mining(config: MineJobConfig, pool: EmbeddingPool | None = None) -> dict
         write_dataset(mined, config.output, config.samples_per_shard)
         report.update(mining_report, num_samples_out=len(mined))
         report["judge"] = judge.metrics(prefix="") if judge is not None else None
-        write_json_atomically(Path(config.output) / REPORT_NAME, report)
+        write_report(Path(config.output) / REPORT_NAME, report)
         return report
     finally:
         if judge is not None:
             judge.close()
-
-
-def log_report_to_mlflow(report: dict[str, Any], config: MineJobConfig, params: dict[str, Any]) -> bool:
-    """Log params, flat numeric report entries (judge tokens and requests included) and the report file;
-    returns False (and logs nothing) when no tracking URI is configured."""
-    uri = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return False
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(config.mlflow.experiment)
-    with mlflow.start_run(run_name=config.mlflow.run_name):
-        mlflow.log_params(params)
-        mlflow.log_metrics(_flat_numbers(report))
-        mlflow.log_artifact(str(Path(config.output) / REPORT_NAME))
-    return True
-
-
-def _flat_numbers(tree: Any, prefix: str = "") -> dict[str, float]:
-    flat: dict[str, float] = {}
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            flat.update(_flat_numbers(value, f"{prefix}{key}".replace("/", ".") + "."))
-    elif isinstance(tree, int | float) and not isinstance(tree, bool):
-        flat[prefix.rstrip(".")] = float(tree)
-    return flat

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from transformers.initialization import no_init_weights
 from gemb_dist.attention import set_attention
 from gemb_dist.batch import TextBatch
 from gemb_dist.config import ModelConfig
+from gemb_dist.files import atomic_dir
 from gemb_dist.prompts import format_query
 
 WEIGHTS_NAME = "model.safetensors"
@@ -113,22 +112,39 @@ class EmbeddingModel(nn.Module):
         Loading a saved gemb dir keeps its stored settings except the fields set explicitly in `config`.
         """
         if config.backbone_config is None and is_gemb_dir(config.name_or_path):
-            overrides = {k: getattr(config, k) for k in config.model_fields_set if k != "name_or_path"}
-            return cls.load(config.name_or_path, **overrides)
+            return cls.load(config.name_or_path, **_explicit_fields(config))
         tokenizer = _load_tokenizer(config.tokenizer or config.name_or_path, config.trust_remote_code)
         common = {"trust_remote_code": config.trust_remote_code}
         if config.attn_implementation is not None:
             common["attn_implementation"] = config.attn_implementation
         if config.backbone_config is not None:
-            backbone_config = dict(config.backbone_config)
-            if "model_type" not in backbone_config:
-                raise ValueError("model.backbone_config needs a 'model_type' (e.g. 'llama', 'bert')")
-            hf_config = AutoConfig.for_model(**backbone_config)
-            backbone = AutoModel.from_config(hf_config, dtype=_DTYPES[config.dtype], **common)
+            backbone = AutoModel.from_config(_random_backbone_config(config), dtype=_DTYPES[config.dtype], **common)
         else:
             _check_local_path(config.name_or_path)
             backbone = AutoModel.from_pretrained(config.name_or_path, dtype=_DTYPES[config.dtype], **common)
         return cls(config, backbone, tokenizer)
+
+    @classmethod
+    def without_weights(cls, config: ModelConfig) -> EmbeddingModel:
+        """The model `from_config(config)` builds, every tensor on the meta device: its configs, tokenizer and
+        parameter names and shapes, without reading or initialising any weights (a consolidated checkpoint gets
+        its non-weight files from it, so no base weights need to be where it is consolidated)."""
+        if config.backbone_config is None and is_gemb_dir(config.name_or_path):
+            config = _stored_config(Path(config.name_or_path), _explicit_fields(config))
+        tokenizer = _load_tokenizer(config.tokenizer or config.name_or_path, config.trust_remote_code)
+        if config.backbone_config is not None:
+            hf_config = _random_backbone_config(config)
+        else:
+            _check_local_path(config.name_or_path)
+            hf_config = AutoConfig.from_pretrained(config.name_or_path, trust_remote_code=config.trust_remote_code)
+        kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": _DTYPES[config.dtype]}
+        if config.attn_implementation is not None:
+            kwargs["attn_implementation"] = config.attn_implementation
+        with torch.device("meta"), no_init_weights():
+            backbone = AutoModel.from_config(hf_config, **kwargs)
+            hidden = backbone.config.get_text_config().hidden_size
+            projection = nn.Linear(hidden, max(config.mrl_dims), bias=True, dtype=_DTYPES[config.dtype])
+        return cls(config, backbone, tokenizer, projection)
 
     # ---------------------------------------------------------------- encoding
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -222,6 +238,11 @@ class EmbeddingModel(nn.Module):
         tensors["projection.weight"] = self.projection.weight.detach().cpu().contiguous()
         tensors["projection.bias"] = self.projection.bias.detach().cpu().contiguous()
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        self.write_model_files(directory)
+
+    def write_model_files(self, directory: Path) -> None:
+        """Every file of the model directory but the weights: the backbone's config.json, gemb_config.json and
+        the tokenizer files."""
         self.backbone.config.save_pretrained(str(directory))  # keeps `is_causal`, the attention direction
         saved_config = self.config.model_copy(update={"name_or_path": ".", "backbone_config": None, "tokenizer": None})
         (directory / GEMB_CONFIG_NAME).write_text(saved_config.model_dump_json(indent=2) + "\n")
@@ -235,12 +256,7 @@ class EmbeddingModel(nn.Module):
         for name in (GEMB_CONFIG_NAME, BACKBONE_CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise ValueError(f"{directory / name}: missing; not a gemb model directory (written by save())")
-        try:
-            stored = json.loads((directory / GEMB_CONFIG_NAME).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{directory / GEMB_CONFIG_NAME}: invalid JSON at line {err.lineno}: {err.msg}") from err
-        config = ModelConfig.model_validate({**stored, **config_overrides, "name_or_path": str(directory)})
-        config = config.model_copy(update={"backbone_config": None})
+        config = _stored_config(directory, config_overrides)
         tokenizer = _load_tokenizer(str(directory), config.trust_remote_code)
         kwargs = {"trust_remote_code": config.trust_remote_code, "dtype": _DTYPES[config.dtype]}
         if config.attn_implementation is not None:
@@ -262,7 +278,37 @@ class EmbeddingModel(nn.Module):
         export_sentence_transformers(self, path)
 
 
+def copy_model_files(source: Path, target: Path) -> None:
+    """Copy the configs and tokenizer files of a model dir into `target` (not its weights, nor DeepSpeed's
+    `latest` file and scripts, which a DeepSpeed save dir holding the model's files also has)."""
+    for item in source.iterdir():
+        if item.is_file() and item.name not in (WEIGHTS_NAME, "latest") and item.suffix not in (".py", ".pt"):
+            shutil.copy2(item, target / item.name)
+
+
 # -------------------------------------------------------------------- helpers
+def _explicit_fields(config: ModelConfig) -> dict:
+    """The fields set explicitly in `config`: they override a saved model's stored settings."""
+    return {k: getattr(config, k) for k in config.model_fields_set if k != "name_or_path"}
+
+
+def _stored_config(directory: Path, overrides: dict) -> ModelConfig:
+    """The ModelConfig a saved gemb dir declares, `overrides` applied, naming the directory as its source."""
+    try:
+        stored = json.loads((directory / GEMB_CONFIG_NAME).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{directory / GEMB_CONFIG_NAME}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    config = ModelConfig.model_validate({**stored, **overrides, "name_or_path": str(directory)})
+    return config.model_copy(update={"backbone_config": None})
+
+
+def _random_backbone_config(config: ModelConfig):
+    backbone_config = dict(config.backbone_config)
+    if "model_type" not in backbone_config:
+        raise ValueError("model.backbone_config needs a 'model_type' (e.g. 'llama', 'bert')")
+    return AutoConfig.for_model(**backbone_config)
+
+
 def _check_local_path(name_or_path: str) -> None:
     """A path-like name that does not exist is a mistake, not a hub id."""
     path = Path(name_or_path).expanduser()
@@ -322,28 +368,3 @@ def _load_projection(weights: Path, prefix: str, dtype: torch.dtype) -> nn.Linea
         projection.weight.copy_(weight_DH)
         projection.bias.copy_(bias_D)
     return projection
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp dir beside `path`; on success it replaces `path`, on failure it is removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, target)
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Put `tmp` at `target`; an existing target is moved aside first and removed after the swap."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)

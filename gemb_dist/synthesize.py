@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from gemb_dist.batch import text_key
-from gemb_dist.config import Section
+from gemb_dist.config import Section, TrackedJobConfig
 from gemb_dist.llm_client import ChatClient, Completion, LLMEndpointConfig
 
 RETRIEVAL_TEMPLATE = (
@@ -67,6 +67,8 @@ class SynthesisTask(Section):
 
 
 class ValidationConfig(Section):
+    """Checks every generated text must pass to be written."""
+
     min_words: int = Field(2, gt=0, description="Generated texts with fewer words are rejected.")
     max_words: int = Field(80, gt=0, description="Generated texts with more words are rejected.")
     max_passage_overlap: float = Field(
@@ -168,7 +170,7 @@ def _to_sample(
     return {"task": task.name, "query": text, "positive": positive, "negatives": negatives, "id": sample_id}, None
 
 
-class SynthesizeJobConfig(Section):
+class SynthesizeJobConfig(TrackedJobConfig):
     """Configuration of `jobs/synthesize.py`."""
 
     input: str = Field(..., description="Passages: a .txt (one per line), a .jsonl with `text`, or shards (positives).")
@@ -195,7 +197,7 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
     `synthesize_report.json` (counters included) into `config.output`."""
     from pathlib import Path
 
-    from gemb_dist.mining_pipeline import read_passages, write_dataset, write_json_atomically
+    from gemb_dist.mining_pipeline import read_passages, write_dataset, write_report
 
     if (Path(config.output) / "manifest.json").exists():
         raise ValueError(f"{config.output}: already holds a dataset (manifest.json); choose an empty output directory")
@@ -210,7 +212,7 @@ def run_synthesis(config: SynthesizeJobConfig) -> dict[str, Any]:
             raise ValueError(f"no valid synthetic samples from {config.input}; see the counts: {report['tasks']}")
         write_dataset(samples, config.output, config.samples_per_shard)
         report.update(input=config.input, output=config.output, llm=client.metrics())
-        write_json_atomically(Path(config.output) / REPORT_NAME, report)
+        write_report(Path(config.output) / REPORT_NAME, report)
         return report
     finally:
         client.close()

@@ -12,8 +12,9 @@ model a pre-finetuning run wrote to `<ray.storage_path>/<run>/model` (or any bac
         --set data.mode=finetune --set data.num_negatives=1 --set data.shards=/tmp/gemb-smoke/ft_shards \
         --set train.init_from=$HOME/runs/<prefinetune-run>/model
 
-`--resume --run-name NAME` continues a run from its latest checkpoint; without `--resume` every submission is a
-fresh run (a unique name unless `--run-name` is given, and an existing name is refused).
+`--set train.resume=true --set train.run_name=NAME` (or its aliases `--resume --run-name NAME`, or the same
+fields in the YAML) continues a run from its latest checkpoint; without train.resume every submission is a fresh
+run (a unique name unless train.run_name is set, and an existing name is refused).
 """
 
 import sys

@@ -2,7 +2,7 @@
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/mine_negatives.py --config jobs/configs/mine_negatives.yaml
-    # CPU smoke run without a cluster (embeds in this process):
+    # CPU smoke run without a cluster (embeds in this process; --no-ray is --set encoder.num_actors=0):
     python jobs/mine_negatives.py --config jobs/configs/mine_negatives.yaml --no-ray --set input=data/shards
 
 Inside a Ray job the embedding runs in `encoder.num_actors` Ray actors. The LLM judge (when configured) is
@@ -12,20 +12,13 @@ $GEMB_JUDGE_API_KEY (or $OPENAI_API_KEY), never from the config. `gemb mine` run
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from gemb_dist.mining_cli import add_arguments, run
+from gemb_dist.mining_cli import COMMAND
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ValueError as err:  # bad config, shards or endpoint: one clear line
-        print(f"mine_negatives: error: {err}", file=sys.stderr)
-        return 2
+    return COMMAND.main(argv, "mine_negatives")
 
 
 if __name__ == "__main__":

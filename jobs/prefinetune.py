@@ -9,8 +9,9 @@ CPU smoke run (tiny BERT, 2 CPU workers, local Ray head and MLflow from cluster/
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python jobs/prefinetune.py --config jobs/configs/smoke_cpu.yaml --set data.shards=/tmp/gemb-smoke/shards
 
-`--resume --run-name NAME` continues a run from its latest checkpoint; without `--resume` every submission is a
-fresh run (a unique name unless `--run-name` is given, and an existing name is refused).
+`--set train.resume=true --set train.run_name=NAME` (or its aliases `--resume --run-name NAME`, or the same
+fields in the YAML) continues a run from its latest checkpoint; without train.resume every submission is a fresh
+run (a unique name unless train.run_name is set, and an existing name is refused).
 """
 
 import sys

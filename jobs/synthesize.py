@@ -13,20 +13,13 @@ named by llm.api_key_env, or $OPENAI_API_KEY), never from the config. `gemb synt
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from gemb_dist.synthesize_cli import add_arguments, run
+from gemb_dist.synthesize_cli import COMMAND
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        return run(parser.parse_args(argv))
-    except ValueError as err:  # bad config, input or endpoint: one clear line
-        print(f"synthesize: error: {err}", file=sys.stderr)
-        return 2
+    return COMMAND.main(argv, "synthesize")
 
 
 if __name__ == "__main__":

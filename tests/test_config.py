@@ -1,9 +1,13 @@
 """The typed config tree: YAML + dotted overrides, and errors that name the field path."""
 
+import typing
+
 import pytest
+from pydantic import BaseModel
 
 from gemb_dist.cli import main as gemb_main
 from gemb_dist.config import ConfigError, GembConfig, build_config, dump_config, load_config, parse_overrides
+from gemb_dist.config_cli import SCHEMAS, schema
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -38,6 +42,12 @@ def test_defaults_round_trip_through_yaml(tmp_path):
         ("loss.mrl_weights=[1.0]", "loss.mrl_weights has 1 entries"),
         ("data.global_batch_size=7", "divisible by ray.num_workers"),
         ("model.default_prompt=query", "placeholder"),
+        (
+            "mlflow.tracking_uri=127.0.0.1:5000",
+            "mlflow.tracking_uri: Value error, '127.0.0.1:5000' has no known scheme",
+        ),
+        ("data.shards=gs://bucket/shards", "data.shards: Value error, 'gs://bucket/shards' is not a local path"),
+        ("train.resume=true", "train.resume needs train.run_name"),
     ],
 )
 def test_bad_values_name_the_field(override, expected):
@@ -46,16 +56,25 @@ def test_bad_values_name_the_field(override, expected):
     assert expected in str(err.value)
 
 
-def test_every_field_is_described():
+def _models_in(annotation) -> list[type]:
+    """The config sections an annotation holds, through Optional, unions and lists."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+@pytest.mark.parametrize("job", sorted(SCHEMAS))
+def test_every_field_is_described(job):
+    """Every field of every config root, sections included (by a description or the section's docstring)."""
+
     def walk(model_cls, prefix):
         for name, field in model_cls.model_fields.items():
-            annotation = field.annotation
-            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
-                yield from walk(annotation, f"{prefix}{name}.")
-            else:
-                yield f"{prefix}{name}", field.description
+            sections = _models_in(field.annotation)
+            yield f"{prefix}{name}", field.description or all(s.__doc__ for s in sections) and sections
+            for section in sections:
+                yield from walk(section, f"{prefix}{name}.")
 
-    undocumented = [path for path, desc in walk(GembConfig, "") if not desc]
+    undocumented = [path for path, described in walk(schema(job), "") if not described]
     assert not undocumented
 
 

@@ -30,7 +30,7 @@ def test_build_all_input_kinds_readable_by_plain_webdataset(tmp_path, capsys):
     pq.write_table(pa.Table.from_pylist(parquet_rows), tmp_path / "c.parquet")
     out = tmp_path / "out"
     inputs = [str(tmp_path / n) for n in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
-    assert main(["data", "build", "--input", *inputs, "--output", str(out), "--samples-per-shard", "3"]) == 0
+    assert main(["data", "build", "--input", *inputs, "--output", str(out), "--set", "samples_per_shard=3"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_samples"] == 17 and summary["tasks"] == {"qa": 8, "nli": 5, "cls": 4}
 
@@ -65,18 +65,39 @@ def test_bad_line_fails_with_file_and_line(tmp_path, capsys):
     assert not (out / "manifest.json").exists() and not list(out.glob("*.tar"))  # nothing partial left
 
     (tmp_path / "b.jsonl").write_text("\n".join([lines[0], "{not json", lines[2]]) + "\n")
-    args = ["data", "build", "--input", str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "o2"), "--skip-invalid"]
+    args = [
+        "data",
+        "build",
+        "--input",
+        str(tmp_path / "b.jsonl"),
+        "--output",
+        str(tmp_path / "o2"),
+        "--set",
+        "skip_invalid=true",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["skipped_invalid"] == 2
-    assert f"{tmp_path / 'b.jsonl'}:2: not valid JSON" in captured.err
+    assert f"{tmp_path / 'b.jsonl'}:2: invalid JSON" in captured.err
 
 
 def test_dedupe_and_duplicate_ids(tmp_path, capsys):
     rows = _rows("qa", 3) + _rows("qa", 2)  # two exact repeats
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert (
-        main(["data", "build", "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "d"), "--dedupe"]) == 0
+        main(
+            [
+                "data",
+                "build",
+                "--input",
+                str(tmp_path / "a.jsonl"),
+                "--output",
+                str(tmp_path / "d"),
+                "--set",
+                "dedupe=true",
+            ]
+        )
+        == 0
     )
     summary = json.loads(capsys.readouterr().out)
     assert (summary["num_samples"], summary["duplicates_removed"]) == (3, 2)

@@ -4,7 +4,6 @@ config and keeps its files on shared storage; the data-build job runs through `r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
@@ -28,21 +27,9 @@ JOBS = {"build-data", "prefinetune", "finetune", "soup", "evaluate"}
 # ------------------------------------------------------------------------------------------------ jobs and configs
 def _load_job_config(job: str, config_path: Path):
     from gemb_dist.config import load_config
+    from gemb_dist.config_cli import schema
 
-    if job in ("prefinetune", "finetune"):
-        return load_config(config_path)
-    if job == "soup":
-        from gemb_dist.soup import SoupConfig
-
-        return load_config(config_path, cls=SoupConfig)
-    if job == "evaluate":
-        from gemb_dist.evaluate.runner import EvalConfig
-
-        return load_config(config_path, cls=EvalConfig)
-    spec = importlib.util.spec_from_file_location("build_data_job", ROOT / "jobs" / "build_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return load_config(config_path, cls=module.BuildDataConfig)
+    return load_config(config_path, cls=schema({"prefinetune": "train", "finetune": "train"}.get(job, job)))
 
 
 def _entrypoints() -> dict[str, list[str]]:
@@ -60,7 +47,7 @@ def test_entrypoint_names_an_existing_job_and_a_config_that_loads(job):
     assert (ROOT / script).is_file(), f"{script} (named by the {job} RayJob) does not exist"
     config_path = ROOT / argv[3]
     assert config_path.is_file(), f"{argv[3]} (named by the {job} RayJob) does not exist"
-    config = _load_job_config(job, config_path)
+    config = _load_job_config(job.replace("-", "_"), config_path)
     if job in ("prefinetune", "finetune"):
         assert config_path.name.endswith("_gpu.yaml"), "cluster jobs train on the GPU configs"
         assert config.ray.use_gpu, f"{argv[3]}: the RayJob runs on GPU workers but ray.use_gpu is false"
@@ -93,7 +80,7 @@ def _storage_paths(job: str, config) -> dict[str, str]:
 def test_the_data_build_writes_what_pre_finetuning_reads():
     from gemb_dist.config import load_config
 
-    build = _load_job_config("build-data", ROOT / _entrypoints()["build-data"][3])
+    build = _load_job_config("build_data", ROOT / _entrypoints()["build-data"][3])
     prefinetune = load_config(ROOT / _entrypoints()["prefinetune"][3])
     assert build.output.rstrip("/") == prefinetune.data.shards.rstrip("/")
 

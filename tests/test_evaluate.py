@@ -140,9 +140,10 @@ def write_task_files(root) -> dict[str, str]:
 def test_cli_runs_every_task_at_every_dim(st_model, tmp_path, capsys):
     files = write_task_files(tmp_path)
     out = tmp_path / "out" / "results.json"
-    args = ["eval", "--model", MINILM, "--dims", "64,384", "--batch-size", "4", "--no-progress", "--out", str(out)]
+    args = ["eval", "--model", MINILM, "--out", str(out), "--set", "dims=[64, 384]", "--set", "batch_size=4"]
+    args += ["--set", "progress=false"]
     for name, value in files.items():
-        args += [f"--{name}", value]
+        args += ["--set", f"{name}={value}"]
     assert main(args) == 0
     results = json.loads(out.read_text())
     assert results["dims"] == [64, 384]
@@ -250,14 +251,14 @@ def test_bad_retrieval_dirs_name_file_and_line(tmp_path):
 
 def test_cli_bad_input_is_one_error_line(tmp_path, capsys):
     (tmp_path / "sts.csv").write_text("sentence1,sentence2,score\na,b,1\nc,d,NaN\n")
-    code = main(["eval", "--model", MINILM, "--sts", str(tmp_path / "sts.csv"), "--out", str(tmp_path / "r.json")])
+    code = main(["eval", "--model", MINILM, "--set", f"sts={tmp_path / 'sts.csv'}", "--out", str(tmp_path / "r.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "sts.csv:3: score is 'NaN'" in err[0]
-    assert main(["eval", "--model", MINILM, "--sts", "missing.csv", "--out", "r.json"]) == 2
+    assert main(["eval", "--model", MINILM, "--set", "sts=missing.csv", "--out", "r.json"]) == 2
     assert "missing.csv: STS file not found" in capsys.readouterr().err
     good = str(tmp_path / "sts.csv")
     (tmp_path / "sts.csv").write_text("sentence1,sentence2,score\na,b,1\nc,d,2\n")
-    assert main(["eval", "--model", str(tmp_path / "nope"), "--sts", good, "--out", "r.json"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "nope"), "--set", f"sts={good}", "--out", "r.json"]) == 2
     assert "nope: directory not found" in capsys.readouterr().err
 
 

@@ -118,7 +118,7 @@ def test_decoder_export_keeps_attention_direction(tmp_path, attention):
 
 def test_hf_export_loads_in_transformers_and_gemb(minilm, tmp_path):
     minilm.save(tmp_path / "gemb")
-    args = ["export", "--model", str(tmp_path / "gemb"), "--out", str(tmp_path / "hf"), "--format", "hf"]
+    args = ["export", "--model", str(tmp_path / "gemb"), "--out", str(tmp_path / "hf"), "--set", "format=hf"]
     assert gemb_main(args) == 0
     backbone = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
     projection = load_file(str(tmp_path / "hf" / "projection.safetensors"))

@@ -20,13 +20,13 @@ def _config(tmp_path: Path, *overrides: str):
 
 def test_without_a_server_the_run_falls_back_to_sqlite_in_its_run_dir_and_says_so(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    run = prepare_run(_config(tmp_path), resume=False)
+    run = prepare_run(_config(tmp_path))
     assert run.local_tracking
     assert run.config.mlflow.tracking_uri == f"sqlite:///{run.run_dir.resolve()}/mlflow.db"
 
 
 def test_the_drivers_environment_uri_is_forwarded_in_the_config(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/shared.db")  # a store every worker reaches
-    run = prepare_run(_config(tmp_path), resume=False)
+    run = prepare_run(_config(tmp_path))
     assert run.config.mlflow.tracking_uri == f"sqlite:///{tmp_path}/shared.db"
     assert not run.local_tracking

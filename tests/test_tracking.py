@@ -124,7 +124,7 @@ def test_run_has_params_config_artifact_tags_metrics_and_model(server, client, t
     for step in (2, 4, 6):
         tracker.log({"loss/8": 1.0 / step, "loss/16": 2.0 / step, "lr": 1e-3}, step=step)
     time.sleep(1.5)  # a few system-metric samples
-    tracker.log_model_dir(model_dir)
+    tracker.log_artifact(model_dir, "model")
     tracker.close()
 
     run = client.get_run(tracker.run_id)
@@ -149,14 +149,15 @@ def test_rank_one_logs_nothing_to_the_server(server, client, tmp_path):
     config = make_config(server.uri, "ranks")
     trackers = [build_tracker(config, rank=r, run_dir=tmp_path / "run", run_name="ranks", tags={}) for r in (0, 1)]
     for rank, tracker in enumerate(trackers):
+        (tmp_path / f"rank{rank}.txt").write_text("text")
         tracker.log({f"from_rank{rank}": 1.0}, step=1)
-        tracker.log_text("text", f"rank{rank}.txt")
-        tracker.set_tags({"rank": str(rank)})
+        tracker.log_artifact(tmp_path / f"rank{rank}.txt")
+        tracker.log_params({"rank": rank})
         tracker.close()
     runs = client.search_runs([client.get_experiment_by_name("ranks").experiment_id])
     assert [r.info.run_id for r in runs] == [trackers[0].run_id]
     assert set(runs[0].data.metrics) == {"from_rank0"}
-    assert runs[0].data.tags["rank"] == "0"
+    assert runs[0].data.params["rank"] == "0"
     assert {a.path for a in client.list_artifacts(trackers[0].run_id)} == {"config.yaml", "rank0.txt"}
 
 
@@ -195,7 +196,8 @@ def test_training_outlives_a_server_outage(server, client, tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="gemb_dist.train.mlflow_tracker"):
             for step in (2, 3, 4):
                 tracker.log({"loss": float(step)}, step=step)
-            tracker.log_text("written while the server was down", "outage.txt")
+            (tmp_path / "outage.txt").write_text("written while the server was down")
+            tracker.log_artifact(tmp_path / "outage.txt")
         assert time.monotonic() - start < 5, "logging must not stall training while the server is down"
         assert any("not answering" in r.getMessage() and server.uri in r.getMessage() for r in caplog.records)
         assert tracker.num_buffered_metrics == 3

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gemb_dist.config import ConfigError, build_config
 from gemb_dist.train.job import load_job_config, parse_args
@@ -48,8 +49,25 @@ def test_finetune_job_accepts_its_config_and_resolves_packaged_models():
 
 
 def test_resume_needs_a_run_name():
-    with pytest.raises(ConfigError, match="--run-name"):
+    with pytest.raises(ConfigError, match="train.resume needs train.run_name"):
         job_config("prefinetune", "--config", str(JOBS / "configs" / "smoke_cpu.yaml"), "--resume")
+    with pytest.raises(ConfigError, match="train.resume needs train.run_name"):
+        job_config("prefinetune", "--config", str(JOBS / "configs" / "smoke_cpu.yaml"), "--set", "train.resume=true")
+
+
+def test_resume_and_run_name_are_read_from_the_config_and_the_flags_are_aliases(tmp_path):
+    smoke = yaml.safe_load((JOBS / "configs" / "smoke_cpu.yaml").read_text())
+    smoke["train"] = {**(smoke.get("train") or {}), "resume": True, "run_name": "from-yaml"}
+    path = tmp_path / "resume.yaml"
+    path.write_text(yaml.safe_dump(smoke))
+    from_yaml = job_config("prefinetune", "--config", str(path))
+    assert from_yaml.train.resume and from_yaml.train.run_name == "from-yaml"
+    smoke_path = str(JOBS / "configs" / "smoke_cpu.yaml")
+    from_set = job_config("prefinetune", "--config", smoke_path, "--set", "train.resume=true", "--set",
+                          "train.run_name=from-set")  # fmt: skip
+    from_flags = job_config("prefinetune", "--config", smoke_path, "--resume", "--run-name", "from-set")
+    assert from_set == from_flags and from_set.train.resume and from_set.train.run_name == "from-set"
+    assert not job_config("prefinetune", "--config", smoke_path).train.resume
 
 
 def test_bad_override_names_the_field_path():
@@ -81,10 +99,11 @@ def test_existing_run_needs_resume_and_resume_needs_an_existing_run(tmp_path):
             "data": {"shards": str(tmp_path / "no-shards")},
         }
     )
-    with pytest.raises(ValueError, match="already exists.*--resume"):
-        prepare_run(config, resume=False)
-    fresh = config.model_copy(update={"train": config.train.model_copy(update={"run_name": "new"})})
-    with pytest.raises(ValueError, match="no run named 'new'"):
-        prepare_run(fresh, resume=True)
+    with pytest.raises(ValueError, match="already exists.*train.resume=true"):
+        prepare_run(config)
+    resumed = build_config(config.model_dump(), ["train.resume=true"])
+    fresh = build_config(resumed.model_dump(), ["train.run_name=new"])
+    with pytest.raises(ValueError, match="train.resume: no run named 'new'"):
+        prepare_run(fresh)
     with pytest.raises(ValueError, match="manifest not found"):  # data is checked on the driver too
-        prepare_run(config, resume=True)
+        prepare_run(resumed)

@@ -16,12 +16,7 @@ gemb --help > /dev/null
 
 step "gemb config show on every shipped config"
 for config in jobs/configs/*.yaml; do
-  case "$(basename "$config")" in
-    # build_data's schema lives in its job script, not in the package that `gemb config` loads.
-    build_data*) python -c 'import sys; sys.path.insert(0, "jobs"); from build_data import BuildDataConfig
-from gemb_dist.config import load_config; load_config(sys.argv[1], cls=BuildDataConfig)' "$config" ;;
-    *) gemb config show --config "$config" > /dev/null ;;
-  esac || { echo "smoke: config $config does not validate" >&2; exit 1; }
+  gemb config show --config "$config" > /dev/null || { echo "smoke: config $config does not validate" >&2; exit 1; }
 done
 
 step "gemb data build"

@@ -76,7 +76,7 @@ step_data() {
   "$PY" recipes/demo/demo_data.py --output "$DEMO_DIR/source"
   step "data: write the training pairs as WebDataset shards"
   rm -rf "$DEMO_DIR/shards"
-  gemb data build --input "$DEMO_DIR/source/train.jsonl" --output "$DEMO_DIR/shards" --samples-per-shard 256
+  gemb data build --input "$DEMO_DIR/source/train.jsonl" --output "$DEMO_DIR/shards" --set samples_per_shard=256
 }
 
 step_prefinetune() {
@@ -96,7 +96,7 @@ step_mine() {
   local pairs="$DEMO_DIR/finetune_pairs"
   awk "NR % $FT_SUBSET_EVERY == 0" "$DEMO_DIR/source/train.jsonl" > "$DEMO_DIR/source/finetune.jsonl"
   rm -rf "$pairs" "$DEMO_DIR/ft_shards"
-  gemb data build --input "$DEMO_DIR/source/finetune.jsonl" --output "$pairs" --samples-per-shard 256
+  gemb data build --input "$DEMO_DIR/source/finetune.jsonl" --output "$pairs" --set samples_per_shard=256
   # In this process (--no-ray): at this size, starting Ray actors would take longer than the embedding itself.
   # Every query must get all 3 negatives: ZeRO-3 ranks must run the same number of encoder passes, and a query
   # with fewer negatives gives its rank fewer texts to encode. So instead of the score-ratio filter (which can
@@ -107,7 +107,7 @@ step_mine() {
     --set mining.top_k=20 --set mining.skip_top=1 --set mining.max_score_ratio=null \
     --set mining.num_negatives=3 --set samples_per_shard=256 \
     --set "mlflow.tracking_uri=$MLFLOW_URI" --set "mlflow.experiment=$EXPERIMENT" \
-    --set "mlflow.run_name=$RUN_NAME-mine"
+    --set "run_name=$RUN_NAME-mine"
   "$PY" -c 'import json, sys
 short = json.load(open(sys.argv[1]))["num_queries_fewer_than_k"]
 sys.exit(f"demo: {short} queries got fewer than 3 hard negatives ({sys.argv[1]})" if short else 0)' \
@@ -157,8 +157,9 @@ step_evaluate() {
   local name
   for name in "${MODELS[@]}"; do
     step "evaluate: $name on the held-out docstrings (retrieval, MRL dims $DIMS)"
-    gemb eval --model "$(model_dir "$name")" --retrieval "$DEMO_DIR/source/heldout" --dims "$DIMS" --no-progress \
-      --mlflow-tracking-uri "$MLFLOW_URI" --run-name "$RUN_NAME-eval-$name" --out "$DEMO_DIR/eval/$RUN_NAME/$name.json"
+    gemb eval --model "$(model_dir "$name")" --out "$DEMO_DIR/eval/$RUN_NAME/$name.json" \
+      --set "retrieval=$DEMO_DIR/source/heldout" --set "dims=[$DIMS]" --set progress=false \
+      --set "mlflow.tracking_uri=$MLFLOW_URI" --set "run_name=$RUN_NAME-eval-$name"
   done
 }
 

@@ -10,9 +10,28 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from gemb_dist.config import DataConfig
+from pydantic import Field
+
+from gemb_dist.config import DataConfig, Section
 from gemb_dist.data.reader import TrainStream, build_train_stream
 from gemb_dist.data.shards import BadSample, ShardReader
+
+
+class AuditConfig(Section):
+    """What `gemb data audit` simulates: a training run's `data` section on `world_size` ranks, optionally stopped
+    after some steps and resumed with another layout."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="The data section of the training config.")
+    world_size: int = Field(..., gt=0, description="Ranks to simulate (ray.num_workers of the training config).")
+    epochs: int = Field(1, gt=0, description="Epochs to run through.")
+    resume_after_steps: int | None = Field(
+        None, gt=0, description="Also audit a run stopped after this many steps and resumed; None = no resume."
+    )
+    resume_world_size: int | None = Field(None, gt=0, description="Ranks of the resumed run; None = world_size.")
+    resume_num_workers: int | None = Field(
+        None, ge=0, description="Loader workers per rank of the resumed run; None = data.num_workers."
+    )
+    in_process: bool = Field(False, description="Run the loader workers' code in this process (same plan, no forks).")
 
 
 class _Run:
@@ -111,18 +130,11 @@ def _figures(run: _Run, stream: TrainStream, epochs: int, weights: dict[str, flo
     }
 
 
-def run_audit(
-    data: DataConfig,
-    world_size: int,
-    epochs: int = 1,
-    resume_after_steps: int | None = None,
-    resume_world_size: int | None = None,
-    resume_num_workers: int | None = None,
-    in_process: bool = False,
-) -> dict[str, Any]:
-    """The audit's JSON object (see the module docstring); `in_process` runs loader workers without processes."""
-    if epochs <= 0:
-        raise ValueError(f"--epochs must be positive, got {epochs}")
+def run_audit(config: AuditConfig) -> dict[str, Any]:
+    """The audit's JSON object (see the module docstring)."""
+    data, world_size, epochs, in_process = config.data, config.world_size, config.epochs, config.in_process
+    resume_after_steps, resume_world_size = config.resume_after_steps, config.resume_world_size
+    resume_num_workers = config.resume_num_workers
     streams = _streams(data, world_size, in_process)
     manifest = streams[0].dataset.manifest
     weights = data.task_weights if data.mode == "finetune" else None

@@ -7,7 +7,6 @@ complete; the manifest is renamed into place last, so a crash never leaves a man
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -17,9 +16,11 @@ from pathlib import Path
 
 import webdataset as wds
 
+from gemb_dist.data.jsonl import iter_jsonl
 from gemb_dist.data.manifest import ShardInfo, manifest_dict
 from gemb_dist.data.schema import validate_sample
 from gemb_dist.data.storage import MANIFEST_NAME
+from gemb_dist.files import write_atomically
 
 SHARD_PATTERN = "shard-%06d.tar"
 
@@ -45,15 +46,8 @@ def iter_raw_samples(path: str) -> Iterator[tuple[str, object]]:
         return
     if not (path.endswith(".jsonl") or path.endswith(".jsonl.gz") or path.endswith(".json")):
         raise ValueError(f"{path}: unsupported input type; use .jsonl, .jsonl.gz or .parquet")
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(line)
-            except json.JSONDecodeError as err:
-                yield f"{path}:{number}", ValueError(f"{path}:{number}: not valid JSON ({err.msg})")
+    for number, record in iter_jsonl(path):
+        yield f"{path}:{number}", record
 
 
 class _ShardWriter:
@@ -96,7 +90,7 @@ def build_shards(
 ) -> BuildReport:
     """Write shards + manifest to `output` (must not already hold a dataset). Returns what was written/skipped."""
     if samples_per_shard <= 0:
-        raise ValueError(f"--samples-per-shard must be positive, got {samples_per_shard}")
+        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
     for path in inputs:
         if not os.path.isfile(path):
             raise ValueError(f"{path}: input file not found")
@@ -147,7 +141,7 @@ def build_shards(
     shards.sort(key=lambda s: s.path)
     report.num_shards = len(shards)
     extra = {"skipped_invalid": report.skipped_invalid, "duplicates_removed": report.duplicates_removed}
-    _write_atomically(out / MANIFEST_NAME, json.dumps(manifest_dict(shards, extra), indent=1).encode())
+    write_atomically(out / MANIFEST_NAME, json.dumps(manifest_dict(shards, extra), indent=1))
     return report
 
 
@@ -169,12 +163,3 @@ def _unique_id(sample: dict, raw: dict, where: str, seen_ids: dict[str, str]) ->
         sample_id = f"{sample_id}#{occurrence}"
     seen_ids[sample_id] = where
     return sample_id
-
-
-def _write_atomically(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

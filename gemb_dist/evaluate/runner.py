@@ -1,5 +1,5 @@
 """Run the evaluation tasks at every requested MRL dim and report: results JSON, a printed table, an MRL curve
-(score vs dim) and, when a tracking URI is set, the same logged to MLflow.
+(score vs dim) and, when a tracking URI is set, the same logged to MLflow through the job tracker.
 
 Texts are encoded once at the full size; each dim then uses the first `dim` coordinates, renormalised.
 Symmetric tasks (STS, classification, clustering, pairs) encode every text as a query of their task, so a
@@ -9,7 +9,6 @@ model's task prompt applies to both sides; retrieval prompts queries only.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,11 @@ from typing import Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from gemb_dist.config import MLflowConfig, Section
+from gemb_dist.config import TrackedJobConfig
 from gemb_dist.evaluate import TASK_METRICS, metrics, tasks
 from gemb_dist.evaluate.encoders import Encoder, load_encoder
+from gemb_dist.files import write_atomically
+from gemb_dist.train.tracking import Tracker, job_tracker
 
 MAIN_METRIC = {task: names[0] for task, names in TASK_METRICS.items()}
 QUERY_BLOCK = 256  # queries scored against the corpus at once (bounds the [Q, N] score matrix)
@@ -35,7 +36,7 @@ class TaskFiles:
     pairs: str | None = None
 
 
-class EvalConfig(Section):
+class EvalConfig(TrackedJobConfig):
     """An evaluation job (`gemb eval`, `jobs/evaluate.py`)."""
 
     model: str = Field(..., description="Gemb model dir, sentence-transformers dir or Hugging Face model dir.")
@@ -49,8 +50,6 @@ class EvalConfig(Section):
     ray_actors: int = Field(0, ge=0, description="Encode on this many Ray actors; 0 = in this process.")
     device: str | None = Field(None, description="Torch device of the encoder; None = cpu.")
     out: str = Field("results.json", description="Results JSON path; the MRL plot goes beside it (.png).")
-    mlflow: MLflowConfig | None = Field(None, description="Log table and plot to MLflow (also if MLFLOW_TRACKING_URI).")
-    run_name: str | None = Field(None, description="MLflow run name; None = 'eval-<model dir name>'.")
     progress: bool = Field(True, description="Show progress bars.")
 
     @model_validator(mode="after")
@@ -203,47 +202,52 @@ def plot_mrl_curve(results: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def log_to_mlflow(results: dict[str, Any], plot_path: Path, config: EvalConfig, tracking_uri: str) -> str:
-    import mlflow
+def write_table(results: dict[str, Any], path: Path) -> None:
+    """One row per (task, metric, dim), in the column layout MLflow's table view reads."""
+    columns = ["task", "metric", "dim", "value"]
+    rows = [
+        [task, metric, int(dim), value]
+        for task, per_dim in results["tasks"].items()
+        for dim, values in per_dim.items()
+        for metric, value in values.items()
+    ]
+    write_atomically(path, json.dumps({"columns": columns, "data": rows}, indent=1) + "\n")
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(config.mlflow.experiment if config.mlflow else "gemb-dist")
-    run_name = config.run_name or f"eval-{Path(config.model).name}"
-    with mlflow.start_run(run_name=run_name, tags={"gemb.job": "eval"}) as run:
-        mlflow.log_params({"model": config.model, "dims": ",".join(map(str, results["dims"]))})
-        table: dict[str, list] = {"task": [], "metric": [], "dim": [], "value": []}
-        for task, per_dim in results["tasks"].items():
-            for dim, values in per_dim.items():
-                for metric, value in values.items():
-                    mlflow.log_metric(f"{task}.{metric}.dim{dim}", value)
-                    for column, item in zip(table, (task, metric, int(dim), value), strict=True):
-                        table[column].append(item)
-        mlflow.log_table(table, artifact_file="eval/results_table.json")
-        mlflow.log_dict(results, "eval/results.json")
-        mlflow.log_artifact(str(plot_path), artifact_path="eval")
-        return run.info.run_id
+
+def log_results(tracker: Tracker, results: dict[str, Any], out: Path) -> None:
+    """Every score as a metric `<task>.<metric>.dim<dim>`, and the results JSON, table and plot under `eval/`."""
+    tracker.log_params({"scored_dims": ",".join(map(str, results["dims"]))})
+    scores = {
+        f"{task}.{metric}.dim{dim}": value
+        for task, per_dim in results["tasks"].items()
+        for dim, values in per_dim.items()
+        for metric, value in values.items()
+    }
+    tracker.log(scores, step=0)
+    for path in (out, out.with_suffix(".table.json"), out.with_suffix(".png")):
+        tracker.log_artifact(path, "eval")
 
 
 def run_evaluation(config: EvalConfig, encoder: Encoder | None = None) -> dict[str, Any]:
-    """Load the model, score every task and dim, write JSON + plot, print the table, log to MLflow if set."""
+    """Load the model, score every task and dim, write JSON + table + plot, print the table, log to MLflow if a
+    tracking URI is set (the server is checked first, so a wrong URI fails before any encoding)."""
     loaded = load_tasks(config.task_files())
-    encoder = encoder or load_encoder(
-        config.model,
-        batch_size=config.batch_size,
-        device=config.device,
-        progress=config.progress,
-        ray_actors=config.ray_actors,
-    )
-    results = evaluate(encoder, config.task_files(), config.dims, loaded)
     out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
-    plot_path = out.with_suffix(".png")
-    plot_mrl_curve(results, plot_path)
-    print(format_table(results))
-    tracking_uri = (config.mlflow.tracking_uri if config.mlflow else None) or os.environ.get("MLFLOW_TRACKING_URI")
-    if tracking_uri:
-        results["mlflow_run_id"] = log_to_mlflow(results, plot_path, config, tracking_uri)
+    run_name = config.run_name or f"eval-{Path(config.model).name}"
+    with job_tracker(config, job="eval", run_dir=out.parent, run_name=run_name) as tracker:
+        encoder = encoder or load_encoder(
+            config.model,
+            batch_size=config.batch_size,
+            device=config.device,
+            progress=config.progress,
+            ray_actors=config.ray_actors,
+        )
+        results = evaluate(encoder, config.task_files(), config.dims, loaded)
+        write_atomically(out, json.dumps(results, indent=2) + "\n")
+        write_table(results, out.with_suffix(".table.json"))
+        plot_mrl_curve(results, out.with_suffix(".png"))
+        print(format_table(results))
+        log_results(tracker, results, out)
+    if tracker.run_id is not None:
+        results["mlflow_run_id"] = tracker.run_id
     return results

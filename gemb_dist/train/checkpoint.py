@@ -11,7 +11,7 @@ A checkpoint directory `<storage>/<run>/checkpoint_step<NNNNNNNN>/` (merged by R
 A checkpoint without `manifest.json` is incomplete and never restored from. On restore each rank fetches only its
 own files plus the small shared ones (not the other ranks' optimizer shards), from local disk or S3, and loads
 DeepSpeed's `.pt` files with `torch.load(weights_only=True)` (see `SafeTorchCheckpointEngine`).
-At the end, rank 0 consolidates the ZeRO shards into an fp32 `EmbeddingModel` directory with DeepSpeed's zero_to_fp32.
+At the end, rank 0 consolidates the ZeRO shards into an fp32 `EmbeddingModel` directory (`train/consolidate.py`).
 """
 
 from __future__ import annotations
@@ -33,14 +33,12 @@ from safetensors.torch import load_file, save_file
 from gemb_dist.config import GembConfig, dump_config
 from gemb_dist.data import TrainStream
 from gemb_dist.distributed import barrier
-from gemb_dist.model import EmbeddingModel
+from gemb_dist.train.consolidate import DEEPSPEED_DIR, TRAINER_FILE
 from gemb_dist.train.engine import TrainEngine
-from gemb_dist.train.safe_load import SafeTorchCheckpointEngine, safe_zero_to_fp32
+from gemb_dist.train.safe_load import SafeTorchCheckpointEngine
 
 log = logging.getLogger(__name__)
 
-DEEPSPEED_DIR = "deepspeed"
-TRAINER_FILE = "trainer.json"
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_FORMAT = 2
 CHECKPOINT_PREFIX = "checkpoint_step"
@@ -281,48 +279,3 @@ def fetch_files(filesystem, path: str, manifest: dict[str, Any], names: list[str
                 f"{path}/{name}: {target.stat().st_size} bytes, the manifest says {manifest['files'][name]}"
             )
     return names
-
-
-# -------------------------------------------------------------------- final model
-def consolidate_checkpoint(checkpoint_dir: str | Path, config: GembConfig, output_dir: str | Path) -> Path:
-    """Merge a checkpoint's ZeRO shards into an fp32 model directory that `EmbeddingModel.load` reads."""
-    checkpoint_dir = Path(checkpoint_dir)
-    trainer = json.loads((checkpoint_dir / TRAINER_FILE).read_text())
-    if config.deepspeed.zero_stage == 0:  # no ZeRO shards: the module's weights are whole in the model file
-        model_file = checkpoint_dir / DEEPSPEED_DIR / trainer["tag"] / "mp_rank_00_model_states.pt"
-        state = SafeTorchCheckpointEngine().load(str(model_file), map_location="cpu")["module"]
-    else:
-        state = safe_zero_to_fp32(str(checkpoint_dir / DEEPSPEED_DIR), tag=trainer["tag"])
-    model = _model_skeleton(config)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    # zero_to_fp32 stores one copy of tied weights; the skeleton ties them again itself.
-    missing = [k for k in missing if not _is_tied(model, k)]
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint_dir}: checkpoint does not match the model (missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]})"
-        )
-    model.save(output_dir)
-    return Path(output_dir)
-
-
-def _model_skeleton(config: GembConfig) -> EmbeddingModel:
-    """The run's model in fp32 on CPU, without ZeRO partitioning, to receive the consolidated weights."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    model_config = config.model.model_copy(update={"dtype": "float32"})
-    if config.train.init_from:
-        model_config = model_config.model_copy(update={"name_or_path": config.train.init_from, "backbone_config": None})
-    # One rank builds this alone: with the run's ZeRO-3 config registered, transformers would partition it
-    # across ranks (a collective the other ranks never join).
-    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        return EmbeddingModel.from_config(model_config)
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
-
-
-def _is_tied(model: torch.nn.Module, name: str) -> bool:
-    tied = getattr(model.backbone, "_tied_weights_keys", None) or {}
-    return name.removeprefix("backbone.") in tied

@@ -9,15 +9,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gemb_dist.config import ConfigError, GembConfig, dump_config, load_config
+from gemb_dist.config import ConfigError, GembConfig, dump_config
+from gemb_dist.config_args import add_config_arguments, config_from_args
+
+# Aliases only: each sets its field like a --set would; without them the config's values stand.
+ALIASES = {"resume": "train.resume=true", "run_name": "train.run_name"}
 
 
 def parse_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config (gemb_dist.config.GembConfig)")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="dotted override")
-    parser.add_argument("--resume", action="store_true", help="continue the run named by --run-name")
-    parser.add_argument("--run-name", help="run name (default: a unique <stage>-<timestamp>-<random>)")
+    add_config_arguments(parser, GembConfig)
+    parser.add_argument("--resume", action="store_true", help="same as --set train.resume=true")
+    parser.add_argument("--run-name", metavar="NAME", help="same as --set train.run_name=NAME")
     return parser.parse_args(argv)
 
 
@@ -25,8 +28,7 @@ def load_job_config(args: argparse.Namespace, stage: str) -> GembConfig:
     """The validated config of a `stage` job; packaged model references resolved to local paths."""
     from gemb_dist.train.packaged import resolve_packaged_models
 
-    overrides = list(args.set) + ([f"train.run_name={args.run_name}"] if args.run_name else [])
-    config = load_config(args.config, overrides)
+    config = config_from_args(args, GembConfig, ALIASES)
     if config.train.stage != stage:
         raise ConfigError(f"{args.config}: train.stage is {config.train.stage!r}; this job runs {stage!r}")
     if stage == "finetune" and config.data.mode != "finetune":
@@ -34,8 +36,6 @@ def load_job_config(args: argparse.Namespace, stage: str) -> GembConfig:
             f"{args.config}: data.mode is {config.data.mode!r}; fine-tuning draws each global batch "
             "from one task: set data.mode=finetune"
         )
-    if args.resume and not config.train.run_name:
-        raise ConfigError("--resume needs --run-name (or train.run_name): the run to continue")
     return resolve_packaged_models(config)
 
 
@@ -45,7 +45,7 @@ def run_job(stage: str, argv: list[str] | None = None, description: str | None =
     from gemb_dist.train.ray_trainer import launch, prepare_run
 
     try:
-        run = prepare_run(load_job_config(args, stage), resume=args.resume)
+        run = prepare_run(load_job_config(args, stage))
     except (ValueError, ConnectionError) as err:
         print(f"{stage}: error: {err}", file=sys.stderr)
         return 2

@@ -166,7 +166,7 @@ def mark_killed_on_stop(config: GembConfig, run_dir: str | Path) -> None:
     """
     from gemb_dist.train.tracking import resolve_tracking_uri
 
-    uri = resolve_tracking_uri(config, run_dir)
+    uri = resolve_tracking_uri(config.mlflow, run_dir)
     experiment, run_name = config.mlflow.experiment, config.train.run_name
 
     def on_stop(signum, frame) -> None:

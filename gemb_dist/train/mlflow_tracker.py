@@ -1,4 +1,5 @@
-"""The MLflow tracker of rank 0: a run with the resolved config, batched metrics, system metrics, artifacts.
+"""The MLflow tracker of rank 0 and of one-process jobs: a run with the resolved config, batched metrics,
+system metrics (training), artifacts.
 
 Training must outlive the tracking server: every call is retried with exponential backoff, then the tracker
 goes on without the server, buffers metrics and other writes in order, tries to reconnect at a slow pace and
@@ -23,9 +24,10 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
+from pydantic import BaseModel
 
-from gemb_dist.config import GembConfig, dump_config
-from gemb_dist.train.tracking import flatten_params, is_http_uri, resolve_tracking_uri
+from gemb_dist.config import dump_config
+from gemb_dist.train.tracking import flatten_params, is_http_uri
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +46,28 @@ def _is_transient(err: BaseException) -> bool:
 
 
 class MlflowTracker:
-    """One MLflow run. Built by `build_tracker` on rank 0 only, after it has checked that the server answers."""
+    """One MLflow run. Built by `build_tracker` (rank 0) or `job_tracker` once the server has answered.
+
+    `config` is the job's whole config (logged as params and `config.yaml`); its `mlflow` section sets retries and
+    timeouts. `run_dir` receives UNDELIVERED_FILE if the server never takes everything. System metrics are
+    sampled every `system_metrics_interval_s` seconds when it is set (training).
+    """
 
     def __init__(
         self,
-        config: GembConfig,
+        config: BaseModel,
         *,
+        tracking_uri: str,
         run_dir: Path,
         run_name: str,
         tags: Mapping[str, str] | None = None,
         resume_run_id: str | None = None,
+        system_metrics_interval_s: float | None = None,
     ) -> None:
         cfg = config.mlflow
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.tracking_uri = resolve_tracking_uri(config, self.run_dir)
+        self.tracking_uri = tracking_uri
         self._retry_delays_s = [cfg.retry_backoff_s * 2**i for i in range(cfg.retries)]
         self._reconnect_every_s = cfg.retry_backoff_s * 2**cfg.retries
         self._metrics: list[Metric] = []
@@ -68,7 +77,7 @@ class MlflowTracker:
         self._dropped_metrics = 0
         self._closed = False
         self._system_metrics = None
-        self._system_metrics_interval_s = cfg.system_metrics_interval_s
+        self._system_metrics_interval_s = system_metrics_interval_s
         self._retry_backoff_s = cfg.retry_backoff_s
         self._flush_timeout_s = cfg.flush_timeout_s
 
@@ -85,8 +94,8 @@ class MlflowTracker:
         else:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=run_tags).info.run_id
             self.log_params(config.model_dump(mode="json"))
-            self.log_text(dump_config(config), "config.yaml")
-        if cfg.system_metrics:
+            self._log_text(dump_config(config), "config.yaml")
+        if system_metrics_interval_s is not None:
             self._start_system_metrics(resume=bool(resume_run_id))
         log.info("MLflow run %s at %s", self.run_id, self.run_url)
 
@@ -115,9 +124,6 @@ class MlflowTracker:
             chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
             self._submit(f"{len(chunk)} params", lambda chunk=chunk: self.client.log_batch(self.run_id, params=chunk))
 
-    def log_text(self, text: str, name: str) -> None:
-        self._submit(f"artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
-
     def log_artifact(self, path: str | Path, name: str | None = None) -> None:
         """Log a file or a directory (recursively) under the artifact folder `name` (the root when None)."""
         path = Path(path)
@@ -128,15 +134,13 @@ class MlflowTracker:
         else:
             self._submit(f"artifact {path}", lambda: self.client.log_artifact(self.run_id, str(path), name))
 
-    def log_model_dir(self, path: str | Path) -> None:
-        """The final model directory, under the artifact folder `model`."""
-        self.log_artifact(path, "model")
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
-            self._submit(f"{len(chunk)} tags", lambda chunk=chunk: self.client.log_batch(self.run_id, tags=chunk))
+    def log_sentence_transformers(self, path: str | Path, name: str, metadata: Mapping[str, Any]) -> None:
+        """The sentence-transformers model directory `path` as an MLflow model `name` of this run (loadable with
+        `mlflow.sentence_transformers.load_model("models:/<model id>")`), with `metadata` in its MLmodel file."""
+        path = Path(path)
+        if not (path / "modules.json").is_file():
+            raise ValueError(f"cannot log {path} as a sentence-transformers model: no modules.json")
+        self._submit(f"model {name}", lambda: self._log_sentence_transformers(path, name, dict(metadata)))
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush everything and end the run with `status` (FINISHED, FAILED or KILLED).
@@ -161,6 +165,17 @@ class MlflowTracker:
             time.sleep(min(self._retry_backoff_s, remaining))
         if self._metrics or self._ops:
             self._save_undelivered(status)
+
+    def _log_sentence_transformers(self, path: Path, name: str, metadata: dict[str, Any]) -> None:
+        import mlflow.sentence_transformers
+        from sentence_transformers import SentenceTransformer
+
+        # The model flavour logs through MLflow's fluent API, which reads the process-wide tracking URI and
+        # experiment (the logged model is created in that experiment, whatever run it names).
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        model = SentenceTransformer(str(path), device="cpu")
+        mlflow.sentence_transformers.log_model(model, name=name, metadata=metadata, run_id=self.run_id)
 
     def _terminate(self, status: str) -> None:
         # `ray job stop` marks the run KILLED from the driver; a worker failing as a consequence must not
@@ -192,8 +207,11 @@ class MlflowTracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        # A local store keeps artifacts beside its database; a server decides its own artifact location.
-        location = None if is_http_uri(self.tracking_uri) else (self.run_dir / "mlartifacts").resolve().as_uri()
+        # A sqlite store keeps artifacts beside its database; a server (or a file store) decides its own location.
+        location = None
+        if self.tracking_uri.startswith("sqlite:///"):
+            database = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            location = (database.parent / "mlartifacts").resolve().as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException as err:  # another run created it first
@@ -202,7 +220,7 @@ class MlflowTracker:
                 raise err from None
             return experiment.experiment_id
 
-    def _reopen_run(self, run_id: str, tags: Mapping[str, str], config: GembConfig) -> str:
+    def _reopen_run(self, run_id: str, tags: Mapping[str, str], config: BaseModel) -> str:
         try:
             run = self.client.get_run(run_id)
         except MlflowException as err:
@@ -212,14 +230,23 @@ class MlflowTracker:
         resumes = int(run.data.tags.get(RESUME_COUNT_TAG, "0")) + 1
         self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self.run_id = run_id
-        self.set_tags({**tags, RESUME_COUNT_TAG: str(resumes)})
+        self._set_tags({**tags, RESUME_COUNT_TAG: str(resumes)})
         # MLflow params are write-once: keep the first values, record the new config beside the old one.
         old = run.data.params
         new = {k: v for k, v in flatten_params(config.model_dump(mode="json")).items() if k not in old}
         if new:
             self.log_params(new)
-        self.log_text(dump_config(config), f"config_resume{resumes}.yaml")
+        self._log_text(dump_config(config), f"config_resume{resumes}.yaml")
         return run_id
+
+    def _log_text(self, text: str, name: str) -> None:
+        self._submit(f"artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
+
+    def _set_tags(self, tags: Mapping[str, str]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for start in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = items[start : start + MAX_PARAMS_TAGS_PER_BATCH]
+            self._submit(f"{len(chunk)} tags", lambda chunk=chunk: self.client.log_batch(self.run_id, tags=chunk))
 
     def _start_system_metrics(self, resume: bool) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor

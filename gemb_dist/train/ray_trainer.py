@@ -65,41 +65,44 @@ def local_run_dir(storage: str, run_name: str) -> Path:
 
 @dataclass(frozen=True)
 class PreparedRun:
-    config: GembConfig  # with train.run_name, train.resume and mlflow.tracking_uri filled in
+    config: GembConfig  # with train.run_name and mlflow.tracking_uri filled in
     storage: str
     run_dir: Path
     local_tracking: bool = False  # no server configured: MLflow logs to a sqlite file under run_dir
 
 
-def prepare_run(config: GembConfig, *, resume: bool) -> PreparedRun:
-    """Name the run and check storage, data and MLflow; every failure here happens before any worker starts."""
+def prepare_run(config: GembConfig) -> PreparedRun:
+    """Name the run and check storage, data and MLflow; every failure here happens before any worker starts.
+
+    `train.resume` decides between continuing the run `train.run_name` and starting a fresh one."""
     from gemb_dist.data.manifest import load_manifest
     from gemb_dist.data.mixture import check_mixture
     from gemb_dist.data.storage import Storage, check_s3_location
-    from gemb_dist.train.tracking import probe_tracking_server, resolve_tracking_uri
+    from gemb_dist.train.tracking import configured_tracking_uri, probe_tracking_server, resolve_tracking_uri
 
     storage = resolve_storage_path(config.ray.storage_path)
     check_s3_location(storage, "ray.storage_path")
     check_s3_location(config.data.shards, "data.shards")
+    resume = config.train.resume
     run_name = config.train.run_name or default_run_name(config.train.stage)
     exists = _run_exists(storage, run_name)
     if resume and not exists:
-        raise ValueError(f"--resume: no run named {run_name!r} under ray.storage_path {storage}")
+        raise ValueError(f"train.resume: no run named {run_name!r} under ray.storage_path {storage}")
     if exists and not resume:
         raise ValueError(
-            f"run {run_name!r} already exists under ray.storage_path {storage}; pass --resume to continue it, or "
-            "drop --run-name (train.run_name) for a fresh, uniquely named run"
+            f"run {run_name!r} already exists under ray.storage_path {storage}; set train.resume=true (--resume) "
+            "to continue it, or drop train.run_name (--run-name) for a fresh, uniquely named run"
         )
     check_mixture(config.data, load_manifest(Storage(config.data.shards)), config.data.shards)
     run_dir = local_run_dir(storage, run_name)
     # Resolved here, on the driver, and forwarded in the config: a worker on another node may not share the
     # driver's environment ($MLFLOW_TRACKING_URI), and all ranks must log to the one store the user looks at.
-    tracking_uri = resolve_tracking_uri(config, run_dir)
+    tracking_uri = resolve_tracking_uri(config.mlflow, run_dir)
     probe_tracking_server(tracking_uri)
-    train = config.train.model_copy(update={"run_name": run_name, "resume": resume})
+    train = config.train.model_copy(update={"run_name": run_name})
     mlflow = config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
     prepared = config.model_copy(update={"train": train, "mlflow": mlflow})
-    fallback = not (config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))
+    fallback = configured_tracking_uri(config.mlflow) is None
     return PreparedRun(prepared, storage, run_dir, local_tracking=fallback)
 
 
@@ -190,7 +193,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         trainer.train()
         if rank == 0:
-            tracker.log_model_dir(export_final_model(config, run_dir))
+            tracker.log_artifact(export_final_model(config, run_dir), MODEL_DIR)
         status = "FINISHED"
     finally:
         tracker.close(status)
@@ -264,7 +267,7 @@ def export_final_model(config: GembConfig, run_dir: Path) -> Path:
     """Rank 0: consolidate the latest checkpoint into `<storage>/<run>/model` (fp32 safetensors)."""
     import ray.train
 
-    from gemb_dist.train.checkpoint import consolidate_checkpoint
+    from gemb_dist.train.consolidate import consolidate_checkpoint
 
     storage = resolve_storage_path(config.ray.storage_path)
     with ray.train.get_checkpoint().as_directory() as checkpoint_dir:

@@ -1,7 +1,10 @@
-"""Experiment tracking behind one tiny interface: the training loop calls `log(metrics, step)` and `close()`.
+"""Experiment tracking behind one tiny interface, for every job: `log(metrics, step)`, `log_params`,
+`log_artifact(path)`, `close()`.
 
-`build_tracker` is the only place that decides who logs: rank 0 gets an MLflow tracker, every other rank a
-no-op. The MLflow side (server probing, retries, buffering through outages) lives in `mlflow_tracker.py`.
+`build_tracker` (training) and `job_tracker` (eval, soup, mining, synthesis) are the only places that decide who
+logs and where: rank 0 of a training run gets an MLflow tracker, every other rank a no-op; a one-process job gets
+an MLflow tracker when a tracking URI is configured, else a no-op. The MLflow side (server probing, retries,
+buffering through outages) lives in `mlflow_tracker.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from gemb_dist.config import GembConfig
+from gemb_dist.config import GembConfig, MLflowConfig, TrackedJobConfig, tracking_uri_problem
 
 # MLflow's limits on one param (mlflow.utils.validation); longer values are shortened, the full config is
 # always logged as a YAML artifact next to the params.
@@ -23,6 +26,7 @@ MAX_PARAM_KEY_CHARS = 250
 MAX_PARAM_VALUE_CHARS = 6000
 PROBE_TIMEOUT_S = 5.0
 GIT_COMMIT_ENV = "GEMB_GIT_COMMIT"
+JOB_TAG = "gemb.job"
 
 
 class TrackingServerUnreachable(ConnectionError):
@@ -31,7 +35,7 @@ class TrackingServerUnreachable(ConnectionError):
 
 @runtime_checkable
 class Tracker(Protocol):
-    """What the training loop may do with metrics; implementations never raise for a transient outage."""
+    """What a job may do with its run; implementations never raise for a transient outage."""
 
     run_id: str | None
 
@@ -39,19 +43,19 @@ class Tracker(Protocol):
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
 
-    def log_text(self, text: str, name: str) -> None: ...
-
     def log_artifact(self, path: str | Path, name: str | None = None) -> None: ...
 
-    def log_model_dir(self, path: str | Path) -> None: ...
-
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+    def log_sentence_transformers(self, path: str | Path, name: str, metadata: Mapping[str, Any]) -> None: ...
 
     def close(self, status: str = "FINISHED") -> None: ...
 
+    def __enter__(self) -> Tracker: ...
+
+    def __exit__(self, exc_type, exc, tb) -> None: ...
+
 
 class NullTracker:
-    """The tracker of ranks that do not log: every call is accepted and dropped."""
+    """The tracker of ranks and jobs that do not log: every call is accepted and dropped."""
 
     run_id: str | None = None
     run_url: str | None = None
@@ -62,16 +66,10 @@ class NullTracker:
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
 
-    def log_text(self, text: str, name: str) -> None:
-        pass
-
     def log_artifact(self, path: str | Path, name: str | None = None) -> None:
         pass
 
-    def log_model_dir(self, path: str | Path) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
+    def log_sentence_transformers(self, path: str | Path, name: str, metadata: Mapping[str, Any]) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -93,25 +91,59 @@ def build_tracker(
     tags: Mapping[str, str] | None = None,
     resume_run_id: str | None = None,
 ) -> Tracker:
-    """The tracker of one process: MLflow on rank 0, a no-op elsewhere.
+    """The tracker of one training process: MLflow on rank 0, a no-op elsewhere.
 
     Rank 0 starts (or, with `resume_run_id`, reopens) a run and logs the resolved config as params and as
     `config.yaml`. Raises TrackingServerUnreachable naming the URI when an HTTP server does not answer.
     """
     if rank != 0:
         return NullTracker()
-    probe_tracking_server(resolve_tracking_uri(config, run_dir))  # before importing mlflow, which takes seconds
+    uri = resolve_tracking_uri(config.mlflow, run_dir)
+    probe_tracking_server(uri)  # before importing mlflow, which takes seconds
     from gemb_dist.train.mlflow_tracker import MlflowTracker
 
-    return MlflowTracker(config, run_dir=Path(run_dir), run_name=run_name, tags=tags, resume_run_id=resume_run_id)
+    mlflow = config.mlflow
+    return MlflowTracker(
+        config,
+        tracking_uri=uri,
+        run_dir=Path(run_dir),
+        run_name=run_name,
+        tags=tags,
+        resume_run_id=resume_run_id,
+        system_metrics_interval_s=mlflow.system_metrics_interval_s if mlflow.system_metrics else None,
+    )
 
 
-def resolve_tracking_uri(config: GembConfig, run_dir: str | Path) -> str:
-    """config.mlflow.tracking_uri, else $MLFLOW_TRACKING_URI, else a sqlite store inside the run directory."""
-    uri = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri.rstrip("/")
-    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+def job_tracker(
+    config: TrackedJobConfig, *, job: str, run_dir: str | Path, run_name: str, tags: Mapping[str, str] | None = None
+) -> Tracker:
+    """The tracker of a one-process job (eval, soup, mining, synthesis): one MLflow run tagged `gemb.job=<job>`
+    when mlflow.tracking_uri or $MLFLOW_TRACKING_URI names a store, else a no-op. Opened before the job's work,
+    so a server that does not answer fails the job at once, naming the URI."""
+    uri = configured_tracking_uri(config.mlflow)
+    if uri is None:
+        return NullTracker()
+    probe_tracking_server(uri)
+    from gemb_dist.train.mlflow_tracker import MlflowTracker
+
+    return MlflowTracker(
+        config, tracking_uri=uri, run_dir=Path(run_dir), run_name=run_name, tags={JOB_TAG: job, **(tags or {})}
+    )
+
+
+def configured_tracking_uri(mlflow: MLflowConfig) -> str | None:
+    """mlflow.tracking_uri, else $MLFLOW_TRACKING_URI (refused without a scheme, naming the variable), else None."""
+    uri = mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    if problem := tracking_uri_problem(uri):
+        raise ValueError(f"{'mlflow.tracking_uri' if mlflow.tracking_uri else '$MLFLOW_TRACKING_URI'}: {problem}")
+    return uri.rstrip("/")
+
+
+def resolve_tracking_uri(mlflow: MLflowConfig, run_dir: str | Path) -> str:
+    """Training's store: the configured URI, else a sqlite store inside the run directory."""
+    return configured_tracking_uri(mlflow) or f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
 
 
 def is_http_uri(uri: str) -> bool:
@@ -140,6 +172,12 @@ def probe_tracking_server(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         ) from None
 
 
+def log_report(tracker: Tracker, report: Mapping[str, Any], path: str | Path) -> None:
+    """A data job's report: its numbers as metrics (step 0, dotted keys) and the report file as an artifact."""
+    tracker.log(flatten_metrics(report), step=0)
+    tracker.log_artifact(path)
+
+
 def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config dict -> {"section.field": "value"} within MLflow's key and value length limits."""
     flat: dict[str, str] = {}
@@ -152,6 +190,18 @@ def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         if len(text) > MAX_PARAM_VALUE_CHARS:
             text = text[: MAX_PARAM_VALUE_CHARS - 3] + "..."
         flat[name[:MAX_PARAM_KEY_CHARS]] = text
+    return flat
+
+
+def flatten_metrics(tree: Any, prefix: str = "") -> dict[str, float]:
+    """The numbers of a nested report (`{"judge": {"requests": 3}}` -> {"judge.requests": 3.0}); other leaves,
+    booleans included, are left out."""
+    flat: dict[str, float] = {}
+    if isinstance(tree, Mapping):
+        for key, value in tree.items():
+            flat.update(flatten_metrics(value, f"{prefix}{key}".replace("/", ".") + "."))
+    elif isinstance(tree, int | float) and not isinstance(tree, bool):
+        flat[prefix.rstrip(".")] = float(tree)
     return flat
 
 

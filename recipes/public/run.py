@@ -144,7 +144,7 @@ class Recipe:
             target = self.out / "shards" / f"{name}_pairs"
             if not (target / "manifest.json").is_file():
                 command = [self.python, "-m", "gemb_dist.cli", "data", "build", "--input", str(source)]
-                self.run([*command, "--output", str(target), "--samples-per-shard", "512"], f"shards-{name}")
+                self.run([*command, "--output", str(target), "--set", "samples_per_shard=512"], f"shards-{name}")
 
     def step_prefinetune(self) -> None:
         shards = check_input(self.out / "shards" / "prefinetune_pairs" / "manifest.json", "shards")
@@ -161,7 +161,7 @@ class Recipe:
         if (output / "manifest.json").is_file():
             return
         sets = [f"input={pairs.parent}", f"output={output}", f"encoder.path={encoder.parent}"]
-        sets += [*self.tracking_sets(), f"mlflow.run_name={self.name}-mine"]
+        sets += [*self.tracking_sets(), f"run_name={self.name}-mine"]
         command = [self.python, "jobs/mine_negatives.py", "--no-ray", "--config", str(HERE / "mine.yaml")]
         self.run([*command, *(a for s in sets for a in ("--set", s))], "mine")
 
@@ -211,13 +211,14 @@ class Recipe:
 
     def eval_command(self, model: str) -> list[str]:
         val = self.out / "val"
-        command = [self.python, "-m", "gemb_dist.cli", "eval", "--model", str(self.model_dir(model)), "--dims", DIMS]
-        command += ["--sts", str(val / "stsb_dev.csv"), "--retrieval", str(val / "scifact")]
-        command += ["--classification", f"{val / 'banking77_train.csv'},{val / 'banking77_test.csv'}"]
-        command += ["--pairs", str(val / "mrpc_val.csv"), "--no-progress", "--out", str(self.eval_path(model))]
+        command = [self.python, "-m", "gemb_dist.cli", "eval", "--model", str(self.model_dir(model))]
+        sets = [f"dims=[{DIMS}]", f"sts={val / 'stsb_dev.csv'}", f"retrieval={val / 'scifact'}"]
+        sets += [f"classification={val / 'banking77_train.csv'},{val / 'banking77_test.csv'}"]
+        sets += [f"pairs={val / 'mrpc_val.csv'}", "progress=false"]
         if self.mlflow_uri:
-            command += ["--mlflow-tracking-uri", self.mlflow_uri, "--run-name", f"{self.name}-eval-{model}"]
-        return command
+            sets += [*self.tracking_sets(), f"run_name={self.name}-eval-{model}"]
+        command += [a for s in sets for a in ("--set", s)]
+        return [*command, "--out", str(self.eval_path(model))]
 
     def eval_path(self, model: str) -> Path:
         return self.out / "eval" / f"{model}.json"

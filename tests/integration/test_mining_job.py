@@ -50,7 +50,8 @@ def test_mining_job_runs_under_ray_job_submit(tmp_path):
             "judge": {"base_url": llm.base_url, "model": llm.model, "cache_path": str(tmp_path / "judge.sqlite")},
             "rerank": True,
             "rerank_depth": 5,
-            "mlflow": {"tracking_uri": tracking.uri, "experiment": "mining-job-test", "run_name": "mine-1"},
+            "mlflow": {"tracking_uri": tracking.uri, "experiment": "mining-job-test"},
+            "run_name": "mine-1",
         }
         (tmp_path / "mine.yaml").write_text(yaml.safe_dump(config))
         command = [
