@@ -162,6 +162,39 @@ def test_a_checkpoint_without_manifest_is_skipped_for_the_previous_complete_one(
         write_manifest(fs, str(tmp_path / "checkpoint_step00000008"), step=8, tag="step8", world_size=2)
 
 
+def test_a_checkpoint_of_an_older_version_is_refused_naming_the_file_and_how_to_carry_on(tmp_path):
+    fs = pyarrow.fs.LocalFileSystem()
+    old = tmp_path / "checkpoint_step00000008"  # format 1: rank<r>.pt pickled, no format field, no manifest
+    (old / "deepspeed" / "step8").mkdir(parents=True)
+    (old / "trainer.json").write_text(json.dumps({"step": 8, "tag": "step8"}))
+    for rank in range(2):
+        torch.save({"data": {}, "rng": {}}, old / f"rank{rank}.pt")
+    with pytest.raises(CheckpointError) as err:
+        newest_complete(fs, str(old))
+    message = str(err.value)
+    assert message.startswith(f"{old}/rank0.pt: checkpoint format 1"), message
+    for words in ("older version", "reads format 2 only", "consolidate_checkpoint", "train.init_from"):
+        assert words in message, (words, message)
+
+
+@pytest.mark.parametrize(("found", "words"), [(1, "older version"), (None, "older version"), (3, "newer version")])
+def test_a_manifest_of_another_format_is_refused_naming_the_file_and_the_formats(tmp_path, found, words):
+    fs = pyarrow.fs.LocalFileSystem()
+    path = tmp_path / "checkpoint_step00000004"
+    path.mkdir()
+    (path / "trainer.json").write_text("{}")
+    (path / "rank0.json").write_text("{}")
+    write_manifest(fs, str(path), step=4, tag="step4", world_size=1)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest["format"] = found
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as err:
+        newest_complete(fs, str(path))
+    message = str(err.value)
+    assert message.startswith(f"{path}/{MANIFEST_FILE}: checkpoint format {found!r}, "), message
+    assert "reads format 2 only" in message and words in message, message
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, ("echo pickled code ran",))
