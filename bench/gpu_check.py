@@ -38,6 +38,27 @@ QWEN2_TINY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, nu
                   num_key_value_heads=2, max_position_embeddings=1024)  # fmt: skip
 
 
+# gemb_dist's bidirectional decoders need transformers >= 5.2 (`config.is_causal = False`, see gemb_dist.attention)
+# and its 5.x names (`PreTrainedConfig`): pyproject.toml allows 5.0-5.1 as well, but the checks run Qwen2 bidirectional.
+TRANSFORMERS_RANGE = ((5, 2), (6, 0))
+
+
+def check_transformers_version(version: str) -> None:
+    """Refuse, before any check runs, a transformers the GPU checks cannot run on (the image's own one)."""
+    parts = version.split(".")
+    try:
+        found = (int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0))
+    except (IndexError, ValueError):
+        raise SystemExit(f"gpu_check: cannot read the transformers version {version!r}") from None
+    low, high = TRANSFORMERS_RANGE
+    if not low <= found < high:
+        raise SystemExit(
+            f"gpu_check: transformers {version} is installed; gemb_dist needs >={low[0]}.{low[1]},<{high[0]} "
+            "(bidirectional decoders through config.is_causal=False). Use a Python with a transformers 5.x, or carry "
+            "a transformers 5.x wheel and its dependencies like bench/gpu_wheels.sh does for pydantic"
+        )
+
+
 WHEELS = {"pydantic": "pydantic-", "pydantic_core": "pydantic_core-", "annotated_types": "annotated_types-",
           "typing_inspection": "typing_inspection-"}  # fmt: skip
 
@@ -130,9 +151,11 @@ def main() -> int:
     started = time.perf_counter()
     wheels_dir = bring_wheels()
     sys.path[:0] = [str(ROOT), str(BENCH)]
+    import transformers
+
+    check_transformers_version(transformers.__version__)
     import gpu_checks as g
     import torch
-    import transformers
 
     device = "cpu" if args.cpu_dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():

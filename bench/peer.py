@@ -2,7 +2,7 @@
 
     python bench/peer.py                      # CPU: all-MiniLM-L6-v2, global batch 256, chunk 32 (about 20 min)
     python bench/peer.py --quick              # CI smoke: tiny batches, one round, four systems (about 1 min)
-    python bench/peer.py --device cuda --precision bf16 --global-batch 4096 --chunk 128 --systems peer,library
+    python bench/peer.py --device cuda --precision bf16 --global-batch 4096 --chunk 64 --systems peer,library
 
 Systems, each trained on the same pairs (the docstring pairs of `recipes/demo/demo_data.py`, consecutive global
 batches), the same model, AdamW (lr 2e-5, weight decay 0.01), gradient clipping at 1.0, MRL dims 96/192/384 with equal
@@ -17,7 +17,8 @@ activation cap (texts per forward = `--chunk` = sentence-transformers' `mini_bat
 
 Every system runs in its own fresh processes, so peak memory is its own; systems run in rounds whose order reverses
 each round (alternating, so a shared machine's load hits every system alike). Each process tokenizes its batches
-before timing, warms up on one small step, then times `--steps` steps (wall time between barriers). On CPU every
+before timing, warms up on one small step (the same `--chunk` queries for every system: its first optimizer step,
+from the same initial weights), then times `--steps` steps (wall time between barriers). On CPU every
 system gets `--threads` threads in all (2 ranks: half each). A system's figure is the median step over all rounds.
 
 Tokens: `real` = non-padding tokens of the batch's texts; `computed` = padded tokens one encoding pass processes
@@ -25,6 +26,14 @@ Tokens: `real` = non-padding tokens of the batch's texts; `computed` = padded to
 each mini-batch to its longest text in arrival order; gemb-dist sorts a step's texts by length before chunking.
 Peak memory: CPU = peak RSS of each process (glibc mmap threshold fixed, as in bench/gradcache.py); CUDA = peak
 `torch.cuda.max_memory_allocated` of each process. `ratio_*` = system / peer.
+
+Same training: `step1_loss` is each system's loss at its first optimizer step (the warm-up: same initial weights,
+same texts; round 0) and `step1_loss_vs_peer` its relative difference to the peer's; only dropout masks differ
+between systems (the library and `engine-z0-r1` share theirs, so their losses agree to float rounding).
+`first_loss` is the loss of the first timed step.
+
+Refused before anything runs: `--precision bf16` with the ZeRO-0 engines (gemb-dist refuses bf16 without a ZeRO
+optimizer: DeepSpeed has no fp32 gradient accumulation there) and, on CUDA, the 2-rank engines on fewer than 2 GPUs.
 """
 
 from __future__ import annotations
@@ -97,22 +106,27 @@ def autocast(spec: dict):
     return torch.autocast(device_type=spec["device"], dtype=torch.bfloat16)
 
 
-def build_peer(spec: dict):
-    from sentence_transformers import SentenceTransformer
-
+def peer_loss(model, spec: dict):
+    """`MatryoshkaLoss(CachedMultipleNegativesRankingLoss)` set up as gemb-dist's loss (tests check they are equal)."""
     try:  # sentence-transformers >= 6 moved the losses; a GPU image may carry an older release
         from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
     except ImportError:
         from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
 
+    inner = CachedMultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE, mini_batch_size=spec["chunk"])
+    # Equal weights summing to 1: gemb-dist's MRL loss is the weighted mean over dims, s-t's the weighted sum.
+    dims = sorted(spec["mrl_dims"], reverse=True)
+    return MatryoshkaLoss(model, inner, matryoshka_dims=dims, matryoshka_weights=[1 / len(dims)] * len(dims))
+
+
+def build_peer(spec: dict):
+    from sentence_transformers import SentenceTransformer
+
     torch.manual_seed(0)
     model = SentenceTransformer(spec["model_path"], device=spec["device"])
     model.max_seq_length = spec["max_length"]
     model.train()
-    inner = CachedMultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE, mini_batch_size=spec["chunk"])
-    # Equal weights summing to 1: gemb-dist's MRL loss is the weighted mean over dims, s-t's the weighted sum.
-    dims = sorted(spec["mrl_dims"], reverse=True)
-    loss_fn = MatryoshkaLoss(model, inner, matryoshka_dims=dims, matryoshka_weights=[1 / len(dims)] * len(dims))
+    loss_fn = peer_loss(model, spec)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
 
     def prepare(queries, passages):
@@ -239,9 +253,9 @@ def worker(spec: dict, rank: int) -> None:
     builders = {"peer": build_peer, "library": build_library}
     prepare, step = builders[spec["system"]](spec) if spec["system"] in builders else build_engine(spec, rank)
     pairs = load_pairs()
-    # Warm-up: one step of one chunk's worth of queries per rank (kernels, allocator, ZeRO-3 hooks).
-    warm = prepare(*step_texts(pairs, 10_000, max(spec["chunk"] // 2, 1) * world, rank, world))[0]
-    step(warm)
+    # Warm-up (kernels, allocator, ZeRO-3 hooks): the same `chunk` queries for every system, whatever its ranks.
+    warm = prepare(*step_texts(pairs, 10_000, warmup_batch(spec["chunk"]), rank, world))[0]
+    step1_loss = step(warm)
     batches = [prepare(*step_texts(pairs, s + spec["first_step"], spec["global_batch"], rank, world))
                for s in range(spec["steps"])]  # fmt: skip
     rows = []
@@ -251,7 +265,7 @@ def worker(spec: dict, rank: int) -> None:
         loss = step(batch)
         _sync(spec["device"])
         rows.append({"seconds": time.perf_counter() - start, "real": real, "computed": computed, "loss": loss})
-    result = {"rank": rank, "steps": rows, "peak_memory_mb": peak_memory_mb(spec["device"])}
+    result = {"rank": rank, "steps": rows, "step1_loss": step1_loss, "peak_memory_mb": peak_memory_mb(spec["device"])}
     out = Path(spec["out"]) / f"{spec['system']}.rank{rank}.json"
     out.with_suffix(".tmp").write_text(json.dumps(result))
     os.replace(out.with_suffix(".tmp"), out)
@@ -261,6 +275,27 @@ def worker(spec: dict, rank: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- coordinator
+def warmup_batch(chunk: int) -> int:
+    """Global queries of the warm-up step: one chunk's worth, even so that 2 ranks split it."""
+    return 2 * max(chunk // 2, 1)
+
+
+def refuse_unrunnable(systems: list[str], device: str, precision: str) -> None:
+    """Exit naming the systems that cannot run here, before any process starts."""
+    if precision == "bf16" and (zero0 := [s for s in systems if ENGINES.get(s, (None,))[0] == 0]):
+        raise SystemExit(
+            f"--precision bf16 cannot run {', '.join(zero0)}: gemb-dist refuses deepspeed.precision=bf16 with "
+            "zero_stage=0 (DeepSpeed accumulates bf16 gradients in fp32 only inside a ZeRO optimizer); leave them "
+            "out of --systems or use --precision fp32"
+        )
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if device == "cuda" and (wide := [s for s in systems if ENGINES.get(s, (0, 1))[1] > gpus]):
+        raise SystemExit(
+            f"--device cuda: {', '.join(wide)} need one GPU per rank, this machine has {gpus}; leave them out of "
+            "--systems"
+        )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -268,7 +303,8 @@ def free_port() -> int:
 
 
 def run_system(spec: dict, timeout_s: float) -> dict:
-    """Start the system's processes, wait, and merge their results (times of rank 0, tokens summed over ranks)."""
+    """Start the system's processes, wait, and merge their results (times of rank 0, tokens summed over ranks, losses
+    averaged)."""
     world = ENGINES.get(spec["system"], (None, 1))[1]
     spec = {**spec, "port": free_port()}
     spec_file = Path(spec["out"]) / f"{spec['system']}.spec.json"
@@ -297,11 +333,20 @@ def run_system(spec: dict, timeout_s: float) -> dict:
     ranks = [json.loads(f.read_text()) for f in files]
     for f in files:
         f.unlink()
+    # A rank's loss is the mean over its own queries (equal shares): their mean is the global batch's loss.
     steps = [
-        {**r0, **{key: sum(r["steps"][i][key] for r in ranks) for key in ("real", "computed")}}
+        {
+            **r0,
+            **{key: sum(r["steps"][i][key] for r in ranks) for key in ("real", "computed")},
+            "loss": statistics.fmean(r["steps"][i]["loss"] for r in ranks),
+        }
         for i, r0 in enumerate(ranks[0]["steps"])
     ]
-    return {"steps": steps, "peak_memory_mb": max(r["peak_memory_mb"] for r in ranks)}
+    return {
+        "steps": steps,
+        "step1_loss": statistics.fmean(r["step1_loss"] for r in ranks),
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in ranks),
+    }
 
 
 def summarise(name: str, rounds: list[dict], global_batch: int, device: str) -> dict:
@@ -322,6 +367,7 @@ def summarise(name: str, rounds: list[dict], global_batch: int, device: str) -> 
         "real_tokens_per_step": int(real),
         "computed_tokens_per_step": int(computed),
         "padding_fraction": round(1 - real / computed, 4),
+        "step1_loss": round(rounds[0]["step1_loss"], 5),
         "first_loss": round(rounds[0]["steps"][0]["loss"], 4),
         memory_key: round(max(r["peak_memory_mb"] for r in rounds), 1),
     }
@@ -357,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--systems: unknown {unknown} (choose from {ALL_SYSTEMS}); 'peer' is required for ratios")
     if any(args.global_batch % ENGINES.get(s, (0, 1))[1] for s in systems):
         raise SystemExit(f"--global-batch {args.global_batch} must divide by every system's number of ranks")
+    refuse_unrunnable(systems, device, args.precision)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gemb-peer-") as out:
         spec = dict(
@@ -378,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in summary.values():
         row["ratio_examples_per_s"] = round(row["examples_per_s"] / summary["peer"]["examples_per_s"], 3)
         row["ratio_peak_memory"] = round(row[mem_key] / summary["peer"][mem_key], 3)
+        row["step1_loss_vs_peer"] = round(row["step1_loss"] / summary["peer"]["step1_loss"] - 1, 4)
     print(json.dumps({
         "bench": "peer", "model": Path(args.model).name if args.model else "all-MiniLM-L6-v2", "device": device,
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None, "precision": args.precision,

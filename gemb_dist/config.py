@@ -425,13 +425,8 @@ def _check_engine_combination(ds: DeepSpeedConfig, gc: GradCacheConfig) -> None:
             "deepspeed.precision=bf16 needs deepspeed.zero_stage >= 1: DeepSpeed accumulates bf16 gradients in fp32 "
             "only inside a ZeRO optimizer (stage 0 with fp32 gradient accumulation is not implemented)"
         )
-    if gc.reduction == "step" and stage == 1 and not ds.offload_optimizer:
-        raise ValueError(
-            "gradcache.reduction=step with deepspeed.zero_stage=1 and deepspeed.precision=bf16 is not supported: "
-            "DeepSpeed runs this combination with its BF16_Optimizer, which coalesced reduction rejects; use "
-            "gradcache.reduction=chunk"
-        )
     if gc.reduction == "step":
+        # (With ZeRO-1, DeepSpeed would also run its BF16_Optimizer, which rejects coalesced reduction outright.)
         raise ValueError(
             "gradcache.reduction=step with deepspeed.precision=bf16 is refused: the coalesced reduction leaves every "
             "chunk's gradient in the bf16 param.grad until the flush, so gradients would accumulate in bf16; use "

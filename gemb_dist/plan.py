@@ -5,6 +5,10 @@ no storage) to count its parameters exactly; everything else is closed-form: ZeR
 (Rajbhandari et al. 2020, arXiv 1910.02054: 2+2+12 bytes a parameter for mixed-precision Adam), transformer
 activations per token and layer (Korthikanti et al. 2022, arXiv 2205.05198, extended to gated MLPs and GQA),
 ring-collective traffic ((W-1)/W of the buffer per rank) and 2 FLOPs per parameter per token a forward pass.
+Besides the textbook terms it counts what DeepSpeed 0.19 and torch's Adam allocate on top (each read in their code
+after bench/zero_memory.py's measurements missed it): ZeRO-3's fp32 master partition in fp32 runs, its reduction
+bucket kept from init and its flattened gradient copy at the step, Adam's temporaries, and the largest
+parameter's dense gradient in flight during backward.
 `gemb plan` (gemb_dist/plan_cli.py) prints it; bench/zero_memory.py checks the memory model against real engines.
 """
 
@@ -160,6 +164,7 @@ class Knobs:
     embedding_dim: int
     eager_attention: bool  # attention probabilities materialised ([heads, L, L] per text)
     overlap_comm: bool
+    on_gpu: bool  # torch's AdamW steps all tensors at once (foreach) on CUDA, one at a time on CPU
     reduce_bucket_size: int
     persistence_threshold: int
     max_live_parameters: int
@@ -213,6 +218,7 @@ def knobs_from_config(config: GembConfig, num_gpus: int) -> Knobs:
         embedding_dim=max(config.model.mrl_dims),
         eager_attention=config.model.attn_implementation == "eager",
         overlap_comm=ds.overlap_comm,
+        on_gpu=config.ray.use_gpu,
         reduce_bucket_size=ds.reduce_bucket_size,
         persistence_threshold=zero3["stage3_param_persistence_threshold"],
         max_live_parameters=zero3["stage3_max_live_parameters"],
@@ -232,8 +238,11 @@ class Memory:
     activations: float  # one chunk's forward with grad, plus one layer's backward
     logits: float  # the loss block's [block, B_global] tensors per MRL dim, plus the cached reps and their grads
     buffers: float  # gradient reduction buckets
+    grad_in_flight: float  # pass 2: the largest parameter's dense gradient before it is accumulated or reduced
+    step_scratch: float  # optimizer step: Adam's temporaries (+ ZeRO-3's flattened copy of the gradient partition)
     peak: float
     peak_phase: str
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)  # every phase's total; peak is the largest
 
 
 def layer_activation_bytes_per_token(shape: ModelShape, knobs: Knobs) -> float:
@@ -258,13 +267,19 @@ def estimate_memory(shape: ModelShape, knobs: Knobs) -> Memory:
     params = (p - persistent) / w * e + persistent * e if stage == 3 else p * e
     if knobs.offload_params:
         params = persistent * e
-    # ZeRO-1/2 step an fp32 clone of their partition even in fp32 (stage_1_and_2.py clones it); ZeRO-3 shares an
-    # fp32 partition with the optimizer and copies only from bf16.
-    master = e == 2 or stage in (1, 2)
-    optimizer_per_param = ADAM_STATE_BYTES + (FP32_MASTER_BYTES if master else 0)
+    # ZeRO 1-3 step an fp32 clone of their partition even in fp32: stage_1_and_2.py clones it, and stage3.py's
+    # no-copy branch compares a tensor's torch.device with the device's *name* (a str), which is never equal.
+    optimizer_per_param = ADAM_STATE_BYTES + (FP32_MASTER_BYTES if sharded else 0)
     optimizer = 0.0 if knobs.offload_optimizer else optimizer_per_param * p / (w if sharded else 1)
-    # torch AdamW (foreach) allocates sqrt(exp_avg_sq) for the whole partition while it steps.
-    adam_scratch = 0.0 if knobs.offload_optimizer else 4 * p / (w if sharded else 1)
+    # While Adam steps: sqrt(exp_avg_sq) of everything at once (foreach, CUDA), or on CPU tensor by tensor, each
+    # taking sqrt(exp_avg_sq) and a divided copy (ZeRO 1-3 step one flat partition; ZeRO-0 the parameters).
+    stepped = p / w if sharded else p
+    if knobs.offload_optimizer:
+        adam_scratch = 0.0
+    elif knobs.on_gpu:
+        adam_scratch = 4 * stepped
+    else:
+        adam_scratch = 2 * 4 * (stepped if sharded else max(shape.param_numels))
 
     grad_partition = GRAD_ACCUM_BYTES * p / w if stage >= 2 else 0.0
     if stage <= 1:
@@ -274,10 +289,20 @@ def estimate_memory(shape: ModelShape, knobs: Knobs) -> Memory:
     else:
         grads_pass2 = grad_partition
     resident_grads = grad_partition if stage == 3 else 0.0  # ZeRO-3 keeps its flat partition buffer allocated
-    # ZeRO-3 keeps one contiguous bucket, ZeRO-1/2 a second one under overlap_comm; a bucket never fills past the
-    # model (on CPU, untouched pages of a larger one never count).
+    # The flush reduce-scatters ZeRO-2/3's whole-size gradients and frees them; ZeRO-0/1 step on whole ones.
+    grads_optimizer = grad_partition if stage >= 2 else grads_pass2
+    # stage3.py steps a flattened copy of the gradient partition beside the partition buffer
+    step_scratch = adam_scratch + (GRAD_ACCUM_BYTES * p / w if stage == 3 else 0.0)
+    # Autograd materialises a parameter's whole dense gradient (an embedding table's too) before it is accumulated
+    # or reduced: the largest one is in flight on top of the accumulated gradients.
+    grad_in_flight = e * max(shape.param_numels)
+    # ZeRO-3 allocates one contiguous bucket at init and keeps it; ZeRO-1/2 allocate theirs (a second one under
+    # overlap_comm) for each backward and free them after. On CPU, untouched pages of a bucket larger than the
+    # model never count.
     num_buckets = 1 if stage == 3 or not knobs.overlap_comm else 2
-    buffers = min(knobs.reduce_bucket_size, p) * e * num_buckets if sharded else 0.0
+    bucket_numel = knobs.reduce_bucket_size if knobs.on_gpu else min(knobs.reduce_bucket_size, p)
+    buffers = bucket_numel * e * num_buckets if sharded else 0.0
+    resident_buffers = buffers if stage == 3 else 0.0
 
     if stage == 3:
         prefetch = shape.largest_module_numel + knobs.prefetch_bucket_size
@@ -302,12 +327,13 @@ def estimate_memory(shape: ModelShape, knobs: Knobs) -> Memory:
     scores = LOGIT_TENSORS * knobs.num_mrl_dims * knobs.loss_block * (b_global + knobs.num_negatives) * 4
     logits = reps + scores
 
-    base = params + optimizer
+    base = params + optimizer + resident_buffers
+    pass2 = grads_pass2 + grad_in_flight + gathered_pass2 + activations + reps + buffers - resident_buffers
     phases = {
         "pass 1": base + resident_grads + gathered_pass1 + activations_nograd + reps,
         "loss": base + resident_grads + logits,
-        "pass 2": base + grads_pass2 + gathered_pass2 + activations + reps + buffers,
-        "optimizer": base + max(grads_pass2, resident_grads) + buffers + adam_scratch,
+        "pass 2": base + pass2,
+        "optimizer": base + grads_optimizer + step_scratch,
     }
     peak_phase = max(phases, key=phases.__getitem__)
     return Memory(
@@ -318,8 +344,11 @@ def estimate_memory(shape: ModelShape, knobs: Knobs) -> Memory:
         activations=activations,
         logits=logits,
         buffers=buffers,
+        grad_in_flight=grad_in_flight,
+        step_scratch=step_scratch,
         peak=phases[peak_phase],
         peak_phase=peak_phase,
+        phases=phases,
     )
 
 

@@ -84,6 +84,23 @@ def stop_process_tree(process: subprocess.Popen, timeout_s: float = 20.0) -> Non
     psutil.wait_procs(alive, timeout=5)
 
 
+@contextmanager
+def moto_server(root: Path) -> Iterator[str]:
+    """A real moto S3 server on a free port; yields its endpoint URL (credentials: any, region us-east-1)."""
+    log_path = root / "moto.log"
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(BIN_DIR / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{endpoint}/moto-api/", process, log_path, timeout_s=60)
+        yield endpoint
+    finally:
+        stop_process_tree(process)
+
+
 def _tail(path: Path, num_chars: int = 4000) -> str:
     return path.read_text(errors="replace")[-num_chars:] if path.exists() else "(no log)"
 

@@ -8,9 +8,10 @@ A checkpoint directory `<storage>/<run>/checkpoint_step<NNNNNNNN>/` (merged by R
     trainer.json                 step, tag, world size, MLflow run id, resolved config (rank 0)
     manifest.json                every file and its size; written LAST, by rank 0, once all shares are stored
 
-A checkpoint without `manifest.json` is incomplete and never restored from. On restore each rank fetches only its
-own files plus the small shared ones (not the other ranks' optimizer shards), from local disk or S3, and loads
-DeepSpeed's `.pt` files with `torch.load(weights_only=True)` (see `SafeTorchCheckpointEngine`).
+A checkpoint without `manifest.json` is incomplete and never restored from; one written by an older version
+(format 1: `rank<r>.pt`, pickled, no manifest) is refused naming the file and how to carry on. On restore each
+rank fetches only its own files plus the small shared ones (not the other ranks' optimizer shards), from local
+disk or S3, and loads DeepSpeed's `.pt` files with `torch.load(weights_only=True)` (see `SafeTorchCheckpointEngine`).
 At the end, rank 0 consolidates the ZeRO shards into an fp32 `EmbeddingModel` directory (`train/consolidate.py`).
 """
 
@@ -233,11 +234,36 @@ def read_manifest(filesystem, path: str) -> dict[str, Any] | None:
             manifest = json.loads(stream.read())
         except json.JSONDecodeError as err:
             raise CheckpointError(f"{where}: not valid JSON ({err})") from err
-    if manifest.get("format") != CHECKPOINT_FORMAT:
+    found = manifest.get("format")
+    if found != CHECKPOINT_FORMAT:
+        newer = isinstance(found, int) and found > CHECKPOINT_FORMAT
         raise CheckpointError(
-            f"{where}: checkpoint format {manifest.get('format')!r}, this version reads {CHECKPOINT_FORMAT}"
+            f"{where}: checkpoint format {found!r}, this version of gemb-dist reads format {CHECKPOINT_FORMAT} "
+            f"only; {'resume with the newer version that wrote it' if newer else _OLDER_VERSION_ADVICE}"
         )
     return manifest
+
+
+# Format 1 (before per-rank restore) pickled each rank's data cursor and RNG into rank<r>.pt and wrote no manifest.
+_FORMAT1_RANK_FILE = "rank0.pt"
+_OLDER_VERSION_ADVICE = (
+    "it was written by an older version. Finish that run with the version that wrote it, or start a new run from "
+    "its weights: its DeepSpeed shards still consolidate without pickle "
+    "(gemb_dist.train.consolidate.consolidate_checkpoint, or a zero_checkpoint ingredient of gemb soup) into a "
+    "model directory for train.init_from (the optimizer state and data position are not carried over)"
+)
+
+
+def _refuse_older_format(filesystem, path: str) -> None:
+    """A format-1 checkpoint is complete but unreadable here (pickle): say so instead of calling it incomplete."""
+    import pyarrow.fs
+
+    where = f"{path}/{_FORMAT1_RANK_FILE}"
+    if filesystem.get_file_info(where).type == pyarrow.fs.FileType.File:
+        raise CheckpointError(
+            f"{where}: checkpoint format 1 (per-rank state pickled in rank<r>.pt, no {MANIFEST_FILE}); this version "
+            f"of gemb-dist reads format {CHECKPOINT_FORMAT} only and never unpickles; {_OLDER_VERSION_ADVICE}"
+        )
 
 
 def newest_complete(filesystem, path: str) -> tuple[str, dict[str, Any]]:
@@ -249,6 +275,7 @@ def newest_complete(filesystem, path: str) -> tuple[str, dict[str, Any]]:
     manifest = read_manifest(filesystem, path)
     if manifest is not None:
         return path, manifest
+    _refuse_older_format(filesystem, path)
     parent = path.rsplit("/", 1)[0]
     siblings = filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
     names = sorted(

@@ -5,7 +5,8 @@
 the accumulation boundary; or one coalesced reduction) and takes ONE optimizer step. Because DeepSpeed averages
 gradients over ranks and each rank's loss is the mean over its own queries (scored against the gathered global
 batch), the update equals one process training on the whole batch. A non-finite rep, loss or gradient on any
-rank stops every rank with the same `NonFiniteError`, naming the step and the ranks that saw it.
+rank stops every rank with the same `NonFiniteError`, naming the step and the ranks that saw it (for a gradient:
+the ranks whose backward produced it, checked before DeepSpeed reduces it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,31 @@ def _check_full_model_fits(module: torch.nn.Module, device: torch.device) -> Non
         )
 
 
+class GradientWatch:
+    """Flags a non-finite gradient on the rank whose backward produced it, before any reduction can spread it.
+
+    A tensor hook on a parameter sees each incoming gradient before autograd accumulates it. DeepSpeed reduces,
+    partitions and offloads gradients only after that: ZeRO 1-3 and the BF16_Optimizer in post-accumulate hooks,
+    ZeRO-0 in one all-reduce at the boundary. So this sees the whole of every gradient this rank computes, in every
+    stage, dtype and offload setting, while each ZeRO partition after the reduction holds only its share of every
+    rank's gradient. (A sum of finite gradients overflows only near 3e38, fp32 and bf16 alike; not checked.)
+    The flag stays on the device: no host synchronisation per gradient.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]):
+        self._bad: torch.Tensor | None = None
+        self._handles = [p.register_hook(self._see) for p in params]
+
+    def _see(self, grad: torch.Tensor) -> None:
+        bad = ~torch.isfinite(grad).all()
+        self._bad = bad if self._bad is None else self._bad | bad
+
+    def pop(self) -> bool:
+        """Whether a non-finite gradient arrived since the last call (one host sync); clears the flag."""
+        bad, self._bad = self._bad, None
+        return bad is not None and bool(bad)
+
+
 @dataclass
 class StepMetrics:
     """What one optimizer step measured on this rank (the loop reduces and logs them)."""
@@ -134,6 +160,7 @@ class TrainEngine:
             config=self.ds_config,
         )
         self.device = self.engine.device
+        self._grad_watch = GradientWatch(p for p in self.engine.module.parameters() if p.requires_grad)
         self.reduction = config.gradcache.reduction
         if config.gradcache.zero3_pass1 == "gather_once":
             _check_full_model_fits(self.engine.module, self.device)
@@ -155,7 +182,7 @@ class TrainEngine:
         step = self.global_step + 1
         try:
             out = self.grad_cache.step(batch)
-            raise_if_any_rank(not self._local_grads_finite(), "gradient")
+            raise_if_any_rank(self._grad_watch.pop(), "gradient")
         except NonFiniteError as err:
             raise NonFiniteError(f"step {step}: {err}") from None
         start = time.perf_counter()
@@ -219,18 +246,6 @@ class TrainEngine:
             finally:
                 for p in params:
                     p.ds_active_sub_modules.discard(_PASS1_HOLDER)
-
-    def _local_grads_finite(self) -> bool:
-        """Whether the gradient this rank holds (its ZeRO partition, or the whole gradient) is finite."""
-        averaged = getattr(self.optimizer, "averaged_gradients", None)  # ZeRO 1-3 partitions, before the step
-        if self.engine.zero_optimization_stage() and isinstance(averaged, dict | list) and len(averaged):
-            groups = averaged.values() if isinstance(averaged, dict) else averaged
-            grads = [g for group in groups if group is not None for g in group if g is not None]
-        else:
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return True
-        return bool(torch.isfinite(torch.stack([g.float().abs().sum() for g in grads])).all())
 
     def _grad_norm_before_step(self) -> float | None:
         """ZeRO optimizers compute the global norm inside `step`; without ZeRO the grads are whole here."""

@@ -3,12 +3,13 @@
 DeepSpeed 0.19 saves its `.pt` files with `torch.save` and loads them with `torch.load(weights_only=False)`
 (`TorchCheckpointEngine.load`, `utils/zero_to_fp32.py`): whoever can write the run's storage could run code on
 every worker. Its files hold tensors, plain containers and a few small DeepSpeed/Python types; those types are
-allow-listed here (`SAFE_GLOBALS`) and everything else is refused by torch's weights-only unpickler.
+allow-listed here (`_safe_globals()`) and everything else is refused by torch's weights-only unpickler.
 """
 
 from __future__ import annotations
 
 import contextlib
+import pickle
 import types
 from typing import Any
 
@@ -17,14 +18,16 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 
 
 def _safe_globals() -> list[Any]:
-    """The non-tensor types DeepSpeed writes into its checkpoints (found by loading real ZeRO 0/2/3 checkpoints)."""
+    """The non-tensor types DeepSpeed writes into its checkpoints (found by restoring real ZeRO 1/2/3 checkpoints in
+    tests/test_checkpoint_restore.py). `fragment_address` is a two-int dataclass in ZeRO-1/2's parameter slice map."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
     # Some Python 3.11 builds (Debian bookworm's 3.11.2, the image's) pickle enum members by name, as
     # `getattr(ZeroStageEnum, "weights")`. Allowing `getattr` stays safe: the weights-only unpickler calls only
     # allow-listed callables, so it can read attributes of the allowed types but never call what it reads.
-    return [ZeroStageEnum, LossScaler, getattr]
+    return [ZeroStageEnum, LossScaler, fragment_address, getattr]
 
 
 class SafeTorchCheckpointEngine(TorchCheckpointEngine):
@@ -37,7 +40,10 @@ class SafeTorchCheckpointEngine(TorchCheckpointEngine):
     def load(self, path: str, map_location=None):
         self.loaded.append(str(path))
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:  # torch's message does not say which file
+                raise pickle.UnpicklingError(f"{path}: {err}") from err
 
     @classmethod
     def install(cls, ds_engine) -> SafeTorchCheckpointEngine:
