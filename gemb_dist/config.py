@@ -147,7 +147,12 @@ class DataConfig(Section):
     global_batch_size: int = Field(64, gt=0, description="Queries per optimizer step over all ranks.")
     num_negatives: int = Field(0, ge=0, description="Hard negatives per query (fine-tuning); 0 = none.")
     task_weights: dict[str, float] | None = Field(
-        None, description="Fine-tuning task sampling weights; None = proportional to task size."
+        None,
+        description="Fine-tuning: the order of an epoch's steps. Each next global step's task is drawn with "
+        "probability proportional to its weight among the tasks with steps left, so an epoch still uses every sample "
+        "once: the weights set the mixture of the epoch's first part, i.e. of a run shorter than an epoch "
+        "(train.max_steps), not of a whole epoch. Weight 0 leaves a task out; None = every step equally likely "
+        "(tasks in proportion to their size).",
     )
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank.")
     seed: int = Field(

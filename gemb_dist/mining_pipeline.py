@@ -45,8 +45,11 @@ class MineJobConfig(TrackedJobConfig):
 
     input: str = Field(..., description="Shard directory or manifest (local, file:// or s3://) of (query, positive).")
     output: str = Field(..., description="Local directory for the mined shards; must not hold a dataset yet.")
-    extra_corpus: str | None = Field(
-        None, description="More passages to mine from: a .txt (one per line), a .jsonl with `text`, or shards."
+    extra_corpus: str | dict[str, str] | None = Field(
+        None,
+        description="More passages to mine from: a .txt (one per line), a .jsonl with `text`, or shards. One "
+        "location: candidates for every task's queries; a mapping task -> location: each corpus only for its task "
+        "(e.g. a retrieval task's whole document collection, which other tasks' queries never see).",
     )
     encoder: EncoderConfig
     mining: MiningConfig = Field(default_factory=MiningConfig)
@@ -108,21 +111,33 @@ def read_passages(location: str) -> list[str]:
     return [text for s in read_samples(location) for text in (s["positive"], *s["negatives"])]
 
 
+def read_extra_corpus(location: str | dict[str, str] | None, tasks: set[str]) -> dict[str | None, list[str]]:
+    """The extra corpus by task (None = for every task); a task the input does not hold is an error naming it."""
+    if location is None:
+        return {}
+    if isinstance(location, str):
+        return {None: read_passages(location)}
+    unknown = sorted(set(location) - tasks)
+    if unknown:
+        raise ValueError(f"extra_corpus names tasks {unknown} that no input sample has (tasks: {sorted(tasks)})")
+    return {task: read_passages(path) for task, path in location.items()}
+
+
 # ------------------------------------------------------------------------------------------------ corpus
 class Corpus:
-    """Unique passage texts, their hashes, and which task's positives each came from (None = extra corpus)."""
+    """Unique passage texts, their hashes, and the tasks each is a candidate for: the tasks whose positives hold
+    it, plus the task its extra corpus was given for (`extra` maps a task to passages; the key None = every task)."""
 
-    def __init__(self, samples: list[dict[str, Any]], extra: list[str]):
+    def __init__(self, samples: list[dict[str, Any]], extra: dict[str | None, list[str]]):
         self.texts: list[str] = []
         self.keys: list[int] = []
         self.tasks: list[set[str]] = []
         self._index: dict[str, int] = {}
-        self.extra_ids: list[int] = []
+        self.extra_ids: dict[str | None, list[int]] = {}
         for sample in samples:
             self.tasks[self._add(sample["positive"])].add(sample["task"])
-        for text in extra:
-            self.extra_ids.append(self._add(text))
-        self.extra_ids = sorted(set(self.extra_ids))
+        for task, texts in extra.items():
+            self.extra_ids[task] = sorted({self._add(text) for text in texts})
 
     def _add(self, text: str) -> int:
         index = self._index.get(text)
@@ -139,14 +154,15 @@ class Corpus:
     def ids_for_task(self, task: str | None) -> np.ndarray:
         if task is None:
             return np.arange(len(self.texts))
-        ids = {i for i, tasks in enumerate(self.tasks) if task in tasks} | set(self.extra_ids)
+        ids = {i for i, tasks in enumerate(self.tasks) if task in tasks}
+        ids |= set(self.extra_ids.get(None, ())) | set(self.extra_ids.get(task, ()))
         return np.array(sorted(ids), dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------ mining
 def mine_negatives(
     samples: list[dict[str, Any]],
-    extra_passages: list[str],
+    extra_passages: list[str] | dict[str | None, list[str]],
     pool: EmbeddingPool,
     config: MiningConfig,
     judge: JudgeClient | None = None,
@@ -156,9 +172,11 @@ def mine_negatives(
     """Samples with `negatives` filled (same order, same ids) and a report of what was dropped and the scores.
     With `judge`, the first `rerank_depth` surviving candidates are judged and negatives come only from those
     judged irrelevant, hardest (best fused rank) first; a query none of whose candidates got a judgement is
-    counted, and more than `max_unjudged_fraction` of them is a ValueError naming the count."""
+    counted, and more than `max_unjudged_fraction` of them is a ValueError naming the count. `extra_passages` are
+    candidates for every task, or per task as a mapping (key None = every task)."""
     timings: dict[str, float] = {}
-    corpus = Corpus(samples, extra_passages)
+    extra = extra_passages if isinstance(extra_passages, dict) else {None: list(extra_passages)}
+    corpus = Corpus(samples, extra)
     start = time.perf_counter()
     corpus_CD = pool.encode(corpus.texts, is_query=False)
     timings["embed_corpus_s"] = time.perf_counter() - start
@@ -214,6 +232,7 @@ def mine_negatives(
     report = {
         "num_queries": len(samples),
         "num_corpus_passages": len(corpus.texts),
+        "num_extra_passages": {task or "*": len(ids) for task, ids in corpus.extra_ids.items()},
         "num_negatives_wanted": config.num_negatives,
         "num_queries_fewer_than_k": sum(n for k, n in counts.items() if k < config.num_negatives),
         "negatives_per_query": {str(k): counts[k] for k in sorted(counts)},
@@ -286,7 +305,7 @@ def run_mining(config: MineJobConfig, pool: EmbeddingPool | None = None) -> dict
     judge = JudgeClient(config.judge) if config.judge is not None else None
     try:
         samples = read_samples(config.input)
-        extra = read_passages(config.extra_corpus) if config.extra_corpus else []
+        extra = read_extra_corpus(config.extra_corpus, {s["task"] for s in samples})
         report: dict[str, Any] = {"input": config.input, "output": config.output, "num_samples_in": len(samples)}
         if config.filter_pairs:
             assert judge is not None

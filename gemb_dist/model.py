@@ -78,6 +78,43 @@ def new_projection(hidden: int, embedding_dim: int, init: str, dtype: torch.dtyp
     return projection
 
 
+@torch.no_grad()
+def pca_projection(model: EmbeddingModel, texts: Sequence[str], batch_size: int = 32) -> nn.Linear:
+    """A projection onto the principal axes of `texts`' pooled embeddings, largest variance first.
+
+    Fitted on the covariance of the L2-normalised pooled embeddings (the geometry cosine scores see). The first
+    min(D, hidden) rows are orthonormal and the bias is zero: with D == hidden it is a rotation, so every full-size
+    cosine (every ranking) equals that of the identity projection, while each MRL prefix keeps the directions along
+    which these texts differ most, instead of whichever coordinates the backbone happens to put first. Rows past the
+    hidden size (D > hidden) keep nn.Linear's random init, as with `identity`. Axis signs are fixed (largest entry
+    positive), so the result depends only on the model and the texts.
+    """
+    if isinstance(texts, str) or len(texts) < 2:
+        raise ValueError("pca_projection needs a list of at least two texts")
+    was_training = model.training
+    model.eval()
+    try:
+        device = model.projection.weight.device
+        pooled = []
+        for start in range(0, len(texts), batch_size):
+            batch = model.tokenize(list(texts[start : start + batch_size]))
+            pooled.append(model.pool(batch.input_ids.to(device), batch.attention_mask.to(device)))
+    finally:
+        model.train(was_training)
+    unit_NH = F.normalize(torch.cat(pooled).double(), dim=-1)
+    centred_NH = unit_NH - unit_NH.mean(dim=0)
+    eigenvalues_H, axes_HH = torch.linalg.eigh(centred_NH.T @ centred_NH)  # ascending eigenvalues, axes as columns
+    axes_HH = axes_HH[:, torch.argsort(eigenvalues_H, descending=True)]
+    largest_H = axes_HH.gather(0, axes_HH.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+    rotation_HH = (axes_HH * torch.sign(largest_H)).T  # row k = the k-th principal axis
+    hidden, dtype = rotation_HH.shape[0], model.projection.weight.dtype
+    projection = new_projection(hidden, model.embedding_dim, "random", dtype).to(device)
+    kept = min(hidden, model.embedding_dim)
+    projection.weight[:kept].copy_(rotation_HH[:kept].to(dtype))
+    projection.bias.zero_()
+    return projection
+
+
 class EmbeddingModel(nn.Module):
     """Backbone -> masked mean pooling -> linear projection to `embedding_dim` = max(config.mrl_dims)."""
 
@@ -154,10 +191,14 @@ class EmbeddingModel(nn.Module):
                 f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
                 "must have the same [N, L] shape"
             )
+        pooled_NH = self.pool(input_ids, attention_mask)
+        return self.projection(pooled_NH.to(self.projection.weight.dtype))
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone's mean-pooled token states [N, H] (float32), before the projection."""
         input_ids_NL, attention_mask_NL = to_right_padding(input_ids, attention_mask)
         states_NLH = self.backbone(input_ids=input_ids_NL, attention_mask=attention_mask_NL).last_hidden_state
-        pooled_NH = mean_pool(states_NLH, attention_mask_NL)
-        return self.projection(pooled_NH.to(self.projection.weight.dtype))
+        return mean_pool(states_NLH, attention_mask_NL)
 
     def encode_batch(self, batch: TextBatch) -> torch.Tensor:
         device = self.projection.weight.device

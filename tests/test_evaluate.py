@@ -81,6 +81,24 @@ def test_plain_hf_dir_mean_pools_like_sentence_transformers(st_model, tmp_path):
     np.testing.assert_allclose(ours, st_model.encode(texts, normalize_embeddings=True), rtol=0, atol=1e-5)
 
 
+def test_max_length_is_one_token_limit_for_every_kind_of_model(tmp_path):
+    """`max_length` truncates a gemb model (saved with a shorter limit) exactly as a sentence-transformers model."""
+    config = ModelConfig(name_or_path=MINILM, mrl_dims=[384], max_length=32, projection_init="identity")
+    EmbeddingModel.from_config(config).save(tmp_path / "gemb")
+    long = " ".join(a for a, _, _ in PAIRS)  # ~70 tokens: past 32, within 256
+    texts = [long, PAIRS[0][0]]
+
+    def unit(encoder) -> np.ndarray:
+        return metrics.normalize_rows(encoder.encode(texts, is_query=False, task=None))
+
+    stored, st_own = unit(load_encoder(str(tmp_path / "gemb"))), unit(load_encoder(MINILM))
+    assert not np.allclose(stored[0], st_own[0], atol=1e-3)  # 32 vs 256 tokens: a different embedding
+    for limit in (32, 256):
+        gemb = unit(load_encoder(str(tmp_path / "gemb"), max_length=limit))
+        np.testing.assert_allclose(gemb, unit(load_encoder(MINILM, max_length=limit)), rtol=0, atol=2e-5)
+    np.testing.assert_allclose(stored, unit(load_encoder(MINILM, max_length=32)), rtol=0, atol=2e-5)
+
+
 def test_gemb_dir_uses_prompts_and_mrl_dims(tmp_path):
     torch.manual_seed(0)
     backbone = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,

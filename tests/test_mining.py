@@ -272,3 +272,43 @@ def test_shipped_job_configs_load_and_bad_keys_are_named():
         load_config(configs / "mine_negatives.yaml", ["mining.max_ratio=0.9"], cls=MineJobConfig)
     with pytest.raises(ConfigError, match="rerank and filter_pairs need a `judge` section"):
         load_config(configs / "mine_negatives.yaml", ["rerank=true"], cls=MineJobConfig)
+
+
+class _TablePool:
+    """An embedding pool that looks texts up in a table: exact, tiny, and fully under the test's control."""
+
+    backend = "local"
+
+    def __init__(self, table: dict[str, list[float]]):
+        self.table = table
+
+    def encode(self, texts, *, is_query, task=None):
+        reps_ND = np.asarray([self.table[t] for t in texts], dtype=np.float32)
+        return reps_ND / np.linalg.norm(reps_ND, axis=1, keepdims=True)
+
+
+def test_a_per_task_extra_corpus_is_searched_only_by_its_task():
+    from gemb_dist.mining_pipeline import mine_negatives, read_extra_corpus
+
+    samples = [
+        {"id": "1", "task": "a", "query": "qa1", "positive": "pa1", "negatives": []},
+        {"id": "2", "task": "a", "query": "qa2", "positive": "pa2", "negatives": []},
+        {"id": "3", "task": "b", "query": "qb1", "positive": "pb1", "negatives": []},
+        {"id": "4", "task": "b", "query": "qb2", "positive": "pb2", "negatives": []},
+    ]
+    table = {"qa1": [1, 0, 0], "pa1": [1, 0.2, 0], "qa2": [0, 1, 0], "pa2": [0.2, 1, 0], "qb1": [0, 0, 1]}
+    table |= {"pb1": [0, 0.2, 1], "qb2": [0, 0.1, 1], "pb2": [0.1, 0, 1]}
+    # The extra passages sit next to task b's queries: b would mine them first if it could see them.
+    table |= {"xa1": [0, 0.05, 1], "xa2": [0.08, 0, 1]}
+    config = MiningConfig(top_k=10, num_negatives=3)
+    pool = _TablePool(table)
+    mined, report = mine_negatives(samples, {"a": ["xa1", "xa2"]}, pool, config)
+    negatives = {s["query"]: s["negatives"] for s in mined}
+    assert set(negatives["qa1"]) == {"pa2", "xa1", "xa2"} and set(negatives["qa2"]) == {"pa1", "xa1", "xa2"}
+    assert negatives["qb1"] == ["pb2"] and negatives["qb2"] == ["pb1"]
+    assert report["num_extra_passages"] == {"a": 2}
+    # One location for every task (the plain form): task b now mines them too, nearest first.
+    mined, _ = mine_negatives(samples, ["xa1", "xa2"], pool, config)
+    assert {s["query"]: s["negatives"] for s in mined}["qb1"][:2] == ["xa1", "xa2"]
+    with pytest.raises(ValueError, match=r"extra_corpus names tasks \['c'\] that no input sample has"):
+        read_extra_corpus({"c": "unused.txt"}, {"a", "b"})

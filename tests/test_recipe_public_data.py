@@ -38,31 +38,52 @@ def jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def relevant_ids(beir: Path) -> set[str]:
+    with open(beir / "qrels/test.tsv") as f:
+        return {row["corpus-id"] for row in csv.DictReader(f, delimiter="\t")}
+
+
 def test_held_out_slices_are_not_trained_on(prepared):
     train = jsonl(prepared / "source/finetune.jsonl") + jsonl(prepared / "source/prefinetune.jsonl")
     queries = {s["query"] for s in train}
     texts = queries | {s["positive"] for s in train}
-    for split in ("scifact", "scifact_select"):
-        claims = [q["text"] for q in jsonl(prepared / "val" / split / "queries.jsonl")]
-        assert claims and not set(claims) & queries, split
-    relevant = set()
-    for split in ("scifact", "scifact_select"):
-        with open(prepared / "val" / split / "qrels/test.tsv") as f:
-            relevant |= {row["corpus-id"] for row in csv.DictReader(f, delimiter="\t")}
-    corpus = {d["_id"]: d for d in jsonl(prepared / "val/scifact/corpus.jsonl")}
-    corpus |= {d["_id"]: d for d in jsonl(prepared / "val/scifact_select/corpus.jsonl")}
-    # The held-out claims' abstracts are not pre-finetuned on. A train claim may cite the same abstract as a
-    # held-out claim (as in SciFact's own train/test split, whose claims share one corpus), so fine-tuning may see it.
-    pretrain_texts = {s["positive"] for s in jsonl(prepared / "source/prefinetune.jsonl")}
-    assert relevant and not {corpus[d]["text"] for d in relevant} & pretrain_texts
-    for name in ("banking77_train.csv", "banking77_test.csv"):
-        with open(prepared / "val" / name) as f:
-            assert not {row["text"] for row in csv.DictReader(f)} & queries
+    for beir in (prepared / "val/scifact", prepared / "select/scifact"):
+        claims = [q["text"] for q in jsonl(beir / "queries.jsonl")]
+        assert claims and not set(claims) & queries, beir
+        docs = jsonl(beir / "corpus.jsonl")
+        assert {d["_id"] for d in docs} >= relevant_ids(beir)
+        # No abstract of a held-out corpus (relevant or distractor) is pre-finetuned on, fine-tuned on, or mined
+        # from: the splits follow the claim-abstract graph's components.
+        doc_texts = {d["text"] for d in docs} | {(d["title"] + " " + d["text"]).strip() for d in docs}
+        assert not doc_texts & texts, beir
+        mining = {d["text"] for d in jsonl(prepared / "source/scifact_corpus.jsonl")}
+        assert not doc_texts & mining, beir
+    val_ids = {d["_id"] for d in jsonl(prepared / "val/scifact/corpus.jsonl")}
+    assert not val_ids & {d["_id"] for d in jsonl(prepared / "select/scifact/corpus.jsonl")}
+    for folder in ("val", "select"):
+        for name in ("banking77_train.csv", "banking77_test.csv"):
+            with open(prepared / folder / name) as f:
+                assert not {row["text"] for row in csv.DictReader(f)} & queries
     assert {s["task"] for s in train} == {"scifact", "mrpc", "banking77"}
-    # STS-B is the task held out of training: none of its dev sentences is a training text.
-    with open(prepared / "val/stsb_dev.csv") as f:
-        sts = {t for row in csv.DictReader(f) for t in (row["sentence1"], row["sentence2"])}
-    assert not sts & texts
+    # STS-B is the task held out of training: none of its dev sentences is a training text (MRPC train shares some
+    # news sentences with STS-B dev; those pairs are dropped). MRPC's validation and selection pairs neither.
+    for path in (prepared / "val/stsb_dev.csv", prepared / "val/mrpc_val.csv", prepared / "select/mrpc.csv"):
+        with open(path) as f:
+            sentences = {t for row in csv.DictReader(f) for t in (row["sentence1"], row["sentence2"])}
+        assert sentences and not sentences & texts, path
+    report = json.loads((prepared / "prepare_report.json").read_text())
+    overlaps = {**report["scifact"]["overlap"], **report["pairs"]["overlap"]}
+    assert overlaps and set(overlaps.values()) == {0}, overlaps
+
+
+def test_claims_that_share_an_abstract_stay_in_one_split():
+    sys.path.insert(0, str(RECIPE))
+    from prepare import claim_components
+
+    claims = [{"_id": str(i), "text": f"claim {i}"} for i in range(5)] + [{"_id": "5", "text": "claim 0"}]
+    qrels = {"0": ["a"], "1": ["a", "b"], "2": ["b"], "3": ["c"], "4": ["d"], "5": ["e"]}
+    groups = [sorted(c["_id"] for c in g) for g in claim_components(claims, qrels)]
+    assert groups == [["0", "1", "2", "5"], ["3"], ["4"]]  # 5 joins 0 through its identical text
 
 
 def test_banking77_duplicate_intents_are_masked(prepared):

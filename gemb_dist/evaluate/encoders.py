@@ -43,12 +43,21 @@ def _encode_batched(texts: Sequence[str], batch_size: int, progress: bool, encod
 
 
 class GembEncoder:
-    """A saved gemb model dir: queries get the task prompt from its config, documents none."""
+    """A saved gemb model dir: queries get the task prompt from its config, documents none. `max_length` replaces
+    the stored `model.max_length` (the length it was trained at)."""
 
-    def __init__(self, path: str, batch_size: int = 32, device: str | None = None, progress: bool = True):
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 32,
+        device: str | None = None,
+        progress: bool = True,
+        max_length: int | None = None,
+    ):
         from gemb_dist.model import EmbeddingModel
 
-        self.model = EmbeddingModel.load(path).to(device or "cpu").eval()
+        overrides = {"max_length": max_length} if max_length else {}
+        self.model = EmbeddingModel.load(path, **overrides).to(device or "cpu").eval()
         self.name, self.batch_size, self.progress = path, batch_size, progress
         self.dim = self.model.embedding_dim
         self.mrl_dims = list(self.model.config.mrl_dims)
@@ -62,12 +71,22 @@ class GembEncoder:
 
 
 class SentenceTransformerEncoder:
-    """A sentence-transformers dir; its stored prompts are used for queries (task name first, then 'query')."""
+    """A sentence-transformers dir; its stored prompts are used for queries (task name first, then 'query').
+    `max_length` replaces its `max_seq_length`."""
 
-    def __init__(self, path: str, batch_size: int = 32, device: str | None = None, progress: bool = True):
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 32,
+        device: str | None = None,
+        progress: bool = True,
+        max_length: int | None = None,
+    ):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(path, device=device or "cpu")
+        if max_length:
+            self.model.max_seq_length = max_length
         self.name, self.batch_size, self.progress = path, batch_size, progress
         self.dim = int(self.model.get_embedding_dimension())
         export_info = Path(path) / "gemb_export.json"  # written by `gemb export`: the MRL dims it was trained for
@@ -94,14 +113,19 @@ class MeanPoolingEncoder:
     """A plain Hugging Face model dir: masked mean of the last hidden states, no prompts."""
 
     def __init__(
-        self, path: str, batch_size: int = 32, device: str | None = None, progress: bool = True, max_length: int = 512
+        self,
+        path: str,
+        batch_size: int = 32,
+        device: str | None = None,
+        progress: bool = True,
+        max_length: int | None = None,
     ):
         from transformers import AutoModel, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path).to(device or "cpu").eval()
         self.name, self.batch_size, self.progress = path, batch_size, progress
-        self.max_length = min(max_length, self.tokenizer.model_max_length)
+        self.max_length = min(max_length or 512, self.tokenizer.model_max_length)
         self.dim = int(self.model.config.hidden_size)
         self.mrl_dims = None
 
@@ -118,12 +142,19 @@ class MeanPoolingEncoder:
         return _encode_batched(texts, self.batch_size, self.progress, self._encode_batch, "encode")
 
 
-def load_local_encoder(model: str, batch_size: int = 32, device: str | None = None, progress: bool = True) -> Encoder:
-    """Pick the loader by the files in `model`: gemb_config.json, modules.json (sentence-transformers), config.json."""
+def load_local_encoder(
+    model: str,
+    batch_size: int = 32,
+    device: str | None = None,
+    progress: bool = True,
+    max_length: int | None = None,
+) -> Encoder:
+    """Pick the loader by the files in `model`: gemb_config.json, modules.json (sentence-transformers), config.json.
+    `max_length` (tokens per text) replaces the model's own limit, so that models of every kind compare at one."""
     path = Path(model)
     if not path.is_dir():
         raise ValueError(f"--model {model}: directory not found")
-    kwargs = {"batch_size": batch_size, "device": device, "progress": progress}
+    kwargs = {"batch_size": batch_size, "device": device, "progress": progress, "max_length": max_length}
     if (path / "gemb_config.json").is_file():
         return GembEncoder(model, **kwargs)
     if (path / "modules.json").is_file():
@@ -142,13 +173,20 @@ class RayEncoder:
     Connects to the current Ray cluster (`ray.init()` inside a Ray job, or RAY_ADDRESS), else starts a local one.
     """
 
-    def __init__(self, model: str, num_actors: int, batch_size: int = 32, device: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        num_actors: int,
+        batch_size: int = 32,
+        device: str | None = None,
+        max_length: int | None = None,
+    ):
         import ray
 
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS"))
         actor_cls = ray.remote(num_cpus=1)(_EncoderActor)
-        self.actors = [actor_cls.remote(model, batch_size, device) for _ in range(num_actors)]
+        self.actors = [actor_cls.remote(model, batch_size, device, max_length) for _ in range(num_actors)]
         self.name, self.dim, self.mrl_dims = ray.get(self.actors[0].info.remote())
         self.min_shard = batch_size
 
@@ -171,9 +209,11 @@ class RayEncoder:
 
 
 class _EncoderActor:
-    def __init__(self, model: str, batch_size: int, device: str | None):
+    def __init__(self, model: str, batch_size: int, device: str | None, max_length: int | None):
         torch.set_num_threads(1)
-        self.encoder = load_local_encoder(model, batch_size=batch_size, device=device, progress=False)
+        self.encoder = load_local_encoder(
+            model, batch_size=batch_size, device=device, progress=False, max_length=max_length
+        )
 
     def info(self) -> tuple[str, int, list[int] | None]:
         return self.encoder.name, self.encoder.dim, self.encoder.mrl_dims
@@ -183,9 +223,16 @@ class _EncoderActor:
 
 
 def load_encoder(
-    model: str, *, batch_size: int = 32, device: str | None = None, progress: bool = True, ray_actors: int = 0
+    model: str,
+    *,
+    batch_size: int = 32,
+    device: str | None = None,
+    progress: bool = True,
+    ray_actors: int = 0,
+    max_length: int | None = None,
 ) -> Encoder:
-    """The encoder for `model`; with `ray_actors > 0` encoding runs on that many Ray actors."""
+    """The encoder for `model`; with `ray_actors > 0` encoding runs on that many Ray actors. `max_length` (None =
+    the model's own) is the token limit per text."""
     if ray_actors > 0:
-        return RayEncoder(model, ray_actors, batch_size=batch_size, device=device)
-    return load_local_encoder(model, batch_size=batch_size, device=device, progress=progress)
+        return RayEncoder(model, ray_actors, batch_size=batch_size, device=device, max_length=max_length)
+    return load_local_encoder(model, batch_size=batch_size, device=device, progress=progress, max_length=max_length)

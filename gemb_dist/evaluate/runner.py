@@ -47,6 +47,13 @@ class EvalConfig(TrackedJobConfig):
     clustering: str | None = Field(None, description="CSV with text,label.")
     pairs: str | None = Field(None, description="CSV with sentence1, sentence2, label (0/1).")
     batch_size: int = Field(32, gt=0, description="Texts per encoding batch.")
+    max_length: int | None = Field(
+        None,
+        gt=0,
+        description="Tokens per text for every model (longer texts truncated); None = each model's own limit (a gemb "
+        "model's trained model.max_length, a sentence-transformers model's max_seq_length). Set it when comparing "
+        "models saved with different limits.",
+    )
     ray_actors: int = Field(0, ge=0, description="Encode on this many Ray actors; 0 = in this process.")
     device: str | None = Field(None, description="Torch device of the encoder; None = cpu.")
     out: str = Field("results.json", description="Results JSON path; the MRL plot goes beside it (.png).")
@@ -241,8 +248,10 @@ def run_evaluation(config: EvalConfig, encoder: Encoder | None = None) -> dict[s
             device=config.device,
             progress=config.progress,
             ray_actors=config.ray_actors,
+            max_length=config.max_length,
         )
         results = evaluate(encoder, config.task_files(), config.dims, loaded)
+        results["max_length"] = config.max_length  # None: each model's own limit
         write_atomically(out, json.dumps(results, indent=2) + "\n")
         write_table(results, out.with_suffix(".table.json"))
         plot_mrl_curve(results, out.with_suffix(".png"))

@@ -1,31 +1,38 @@
 """Turn the public training splits (SciFact, STS Benchmark, MRPC, Banking77) into the recipe's training jsonl and
-validation sets, with every validation slice held out of all training.
+validation sets, with every validation and selection slice held out of all training.
 
     python recipes/public/prepare.py --data /path/to/public --out recipe_out/public [--quick]
 
 Writes under `--out`:
-- `source/prefinetune.jsonl`: SciFact corpus (title -> abstract) pairs, task `scifact`, no hard negatives.
+- `source/prefinetune.jsonl`: SciFact (title -> abstract) pairs of every abstract not held out, task `scifact`.
 - `source/finetune.jsonl`: (query, positive) pairs for mining, one task each: `scifact` (train claim -> a cited
   abstract), `mrpc` (paraphrase pairs, Quality 1), `banking77` (utterance -> its intent's name, e.g.
   "card arrival"; the other intent names become its negatives when mined).
-- `val/scifact/` and `val/scifact_select/`: BEIR dirs (`corpus.jsonl`, `queries.jsonl`, `qrels/test.tsv`) of two
-  disjoint slices of the train claims; `select` is only for the greedy soup, `scifact` only for the table.
-- `val/stsb_dev.csv` (STS-B dev; STS-B train is not used: STS is the task held out of training),
-  `val/mrpc_val.csv` (MRPC's validation file as `sentence1,sentence2,label`),
-  `val/banking77_train.csv`, `val/banking77_test.csv` (a Banking77 slice for the classification probe).
-- `prepare_report.json`: the counts, seed and which ids went where.
+- `source/scifact_corpus.jsonl`: every abstract not held out (`{"text": title + " " + abstract}`): the corpus SciFact
+  negatives are mined from (the mining job's per-task extra corpus).
+- `val/scifact/`: BEIR dir (`corpus.jsonl`, `queries.jsonl`, `qrels/test.tsv`) of held-out claims against their
+  relevant abstracts plus random distractors; `val/stsb_dev.csv` (STS-B dev; STS-B is the task held out of training
+  entirely), `val/mrpc_val.csv` (MRPC's validation file), `val/banking77_{train,test}.csv` (a held-out Banking77
+  slice for the classification probe). These make the table.
+- `select/`: the same kinds of slices for the greedy soup only (`scifact/`, `mrpc.csv` carved out of MRPC train,
+  `banking77_{train,test}.csv`), disjoint from the validation slices and from training.
+- `prepare_report.json`: the counts, seed, held-out ids and the overlap counts between every pair of sets.
 
-Splits are seeded (`--seed`) and depend only on the input files.
+Claims are split by connected components of the claim-abstract graph (claims citing a common abstract, or sharing
+a text, stay together), so no held-out claim's abstract is a fine-tuning positive. Distractors are abstracts no
+claim cites, and every held-out abstract is kept out of pre-finetuning and mining. Splits are seeded (`--seed`) and
+depend only on the input files.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,23 +41,26 @@ from steps import write_atomically  # noqa: E402  (recipes/public is a folder of
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much of each source goes where; `--quick` shrinks everything to CI size."""
+    """How much of each source goes where (0 = all that is left); `--quick` shrinks everything to CI size."""
 
-    val_claims: int  # SciFact train claims held out for the table
+    val_claims: int  # SciFact train claims held out for the table (whole components, so a few more)
     select_claims: int  # ... and for the greedy soup's selection score
-    val_distractors: int  # extra abstracts in the validation corpus beside the relevant ones
+    val_distractors: int  # uncited abstracts in the validation corpus beside the relevant ones
     select_distractors: int
     prefinetune_pairs: int
-    mrpc_pairs: int
+    mrpc_pairs: int  # MRPC train paraphrase pairs for fine-tuning
+    mrpc_select: int  # MRPC train rows (both labels) held out for selection
     banking_train: int  # Banking77 utterances used for fine-tuning
     banking_val: int  # ... held out, half as the probe's train side, half as its test side
-    stsb_dev: int  # 0 = all 1500 pairs
-    mrpc_val: int  # 0 = all 500 pairs
-    train_claims: int = 0  # SciFact train claims for fine-tuning; 0 = all the others
+    banking_select: int
+    stsb_dev: int
+    mrpc_val: int
+    train_claims: int = 0  # SciFact train claims for fine-tuning
+    mining_corpus: int = 0  # abstracts SciFact negatives are mined from (the train claims' own always among them)
 
 
-FULL = Sizes(120, 60, 480, 240, 1024, 768, 1024, 1000, 0, 0)
-QUICK = Sizes(16, 16, 48, 32, 64, 48, 48, 160, 200, 120, train_claims=48)
+FULL = Sizes(120, 90, 1100, 800, 0, 1280, 400, 1600, 1000, 600, 0, 0)
+QUICK = Sizes(16, 16, 48, 32, 64, 48, 60, 48, 160, 160, 200, 120, train_claims=48, mining_corpus=200)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -125,14 +135,47 @@ def intent_name(category: str) -> str:
     return category.replace("_", " ")
 
 
-def beir_slice(out: Path, claims: list[dict], qrels: dict, corpus: dict, distractors: list[str]) -> int:
-    """A BEIR dir for `claims`: their relevant abstracts plus `distractors` as the corpus. Returns its size."""
+def doc_text(doc: dict) -> str:
+    """The abstract as evaluation sees it (MTEB's `title + " " + text`), so training and scoring agree."""
+    return (doc.get("title", "") + " " + doc["text"]).strip()
+
+
+def claim_components(claims: list[dict], qrels: dict[str, list[str]]) -> list[list[dict]]:
+    """Claims grouped by connected components of the graph linking a claim to the abstracts it cites and to
+    claims of the same text; components in a fixed order (their smallest claim id)."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for claim in claims:
+        for node in [f"d:{d}" for d in qrels[claim["_id"]]] + [f"t:{claim['text']}"]:
+            parent[find(f"q:{claim['_id']}")] = find(node)
+    groups: dict[str, list[dict]] = {}
+    for claim in claims:
+        groups.setdefault(find(f"q:{claim['_id']}"), []).append(claim)
+    return sorted(groups.values(), key=lambda g: min(c["_id"] for c in g))
+
+
+def take_components(components: list[list[dict]], num_claims: int) -> tuple[list[dict], list[list[dict]]]:
+    """Whole components from the front until at least `num_claims` claims; returns (claims, the rest)."""
+    taken: list[dict] = []
+    while components and len(taken) < num_claims:
+        taken += components.pop(0)
+    return taken, components
+
+
+def beir_slice(out: Path, claims: list[dict], qrels: dict, corpus: dict, distractors: list[str]) -> list[str]:
+    """A BEIR dir for `claims`: their relevant abstracts plus `distractors` as the corpus. Returns its doc ids."""
     doc_ids = sorted({d for c in claims for d in qrels[c["_id"]]} | set(distractors))
     write_lines(out / "corpus.jsonl", [json.dumps(corpus[d]) for d in doc_ids])
     write_lines(out / "queries.jsonl", [json.dumps({"_id": c["_id"], "text": c["text"]}) for c in claims])
     rows = ["query-id\tcorpus-id\tscore"] + [f"{c['_id']}\t{d}\t1" for c in claims for d in qrels[c["_id"]]]
     write_lines(out / "qrels" / "test.tsv", rows)
-    return len(doc_ids)
+    return doc_ids
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
@@ -140,8 +183,6 @@ def write_lines(path: Path, lines: list[str]) -> None:
 
 
 def write_csv(path: Path, header: list[str], rows: list) -> None:
-    import io
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -149,72 +190,120 @@ def write_csv(path: Path, header: list[str], rows: list) -> None:
     write_atomically(path, buffer.getvalue())
 
 
-def prepare(data: Path, out: Path, sizes: Sizes, seed: int) -> dict:
-    rng = random.Random(seed)
+def split_scifact(data: Path, out: Path, sizes: Sizes, rng: random.Random, report: dict) -> list[dict]:
+    """The SciFact slices, pre-finetuning pairs and mining corpus; returns the fine-tuning samples."""
     corpus = {d["_id"]: d for d in read_jsonl(data / "scifact" / "corpus.jsonl")}
     qrels = read_qrels(data / "scifact" / "qrels" / "train.tsv")
-    claims = [q for q in read_jsonl(data / "scifact" / "queries.jsonl") if qrels.get(q["_id"])]
     unknown = sorted({d for ds in qrels.values() for d in ds} - set(corpus))
     if unknown:
         raise ValueError(f"{data / 'scifact/qrels/train.tsv'}: corpus-ids not in corpus.jsonl: {unknown[:5]}")
-    rng.shuffle(claims)
-    val, select = claims[: sizes.val_claims], claims[sizes.val_claims : sizes.val_claims + sizes.select_claims]
-    train_claims = claims[sizes.val_claims + sizes.select_claims :][: sizes.train_claims or None]
-    held_docs = {d for c in val + select for d in qrels[c["_id"]]}
-    others = sorted(set(corpus) - held_docs)
-    rng.shuffle(others)
-    report = {"seed": seed, "sizes": sizes.__dict__}
-    report["scifact_val_corpus"] = beir_slice(out / "val/scifact", val, qrels, corpus, others[: sizes.val_distractors])
-    select_distractors = others[sizes.val_distractors : sizes.val_distractors + sizes.select_distractors]
-    report["scifact_select_corpus"] = beir_slice(out / "val/scifact_select", select, qrels, corpus, select_distractors)
-
-    # Pre-finetuning: titles as queries of their abstracts, never the held-out claims' abstracts.
-    pft_ids = [d for d in others if corpus[d]["title"].strip() and corpus[d]["text"].strip()][: sizes.prefinetune_pairs]
+    claims = [q for q in read_jsonl(data / "scifact" / "queries.jsonl") if qrels.get(q["_id"])]
+    components = claim_components(claims, qrels)
+    rng.shuffle(components)
+    val, components = take_components(components, sizes.val_claims)
+    select, components = take_components(components, sizes.select_claims)
+    train_claims = [c for group in components for c in group][: sizes.train_claims or None]
+    cited = {d for ds in qrels.values() for d in ds}
+    uncited = sorted(set(corpus) - cited)
+    rng.shuffle(uncited)
+    num_val, num_select = sizes.val_distractors, sizes.select_distractors
+    val_docs = beir_slice(out / "val/scifact", val, qrels, corpus, uncited[:num_val])
+    select_docs = beir_slice(out / "select/scifact", select, qrels, corpus, uncited[num_val : num_val + num_select])
+    held_out = set(val_docs) | set(select_docs)
+    # Everything else is training material: the pre-finetuning pairs and the corpus SciFact negatives come from.
+    kept = [d for d in sorted(corpus) if d not in held_out]
+    train_docs = {d for c in train_claims for d in qrels[c["_id"]]}
+    others = [d for d in kept if d not in train_docs]
+    mining = sorted(train_docs | set(rng.sample(others, min(len(others), sizes.mining_corpus or len(others)))))
+    write_lines(out / "source/scifact_corpus.jsonl", [json.dumps({"text": doc_text(corpus[d])}) for d in mining])
+    pft_ids = [d for d in kept if corpus[d]["title"].strip() and corpus[d]["text"].strip()]
+    rng.shuffle(pft_ids)
+    pft_ids = pft_ids[: sizes.prefinetune_pairs or None]
     pft = [{"task": "scifact", "query": corpus[d]["title"], "positive": corpus[d]["text"]} for d in pft_ids]
     write_lines(out / "source/prefinetune.jsonl", [json.dumps(s) for s in pft])
-
     finetune = [
-        {"task": "scifact", "query": c["text"], "positive": _doc_text(corpus[d])}
+        {"task": "scifact", "query": c["text"], "positive": doc_text(corpus[d])}
         for c in train_claims
         for d in qrels[c["_id"]]
     ]
-    mrpc_train = [(a, b) for quality, a, b in read_mrpc(data / "mrpc/msr-para-train.tsv") if quality == 1]
-    rng.shuffle(mrpc_train)
+    val_relevant = {d for c in val for d in qrels[c["_id"]]}
+    select_relevant = {d for c in select for d in qrels[c["_id"]]}
+    report["scifact"] = {
+        "claims": {"train": len(train_claims), "val": len(val), "select": len(select)},
+        "corpus": {"val": len(val_docs), "select": len(select_docs), "mining": len(mining)},
+        "relevant": {"val": len(val_relevant), "select": len(select_relevant)},
+        "prefinetune_pairs": len(pft),
+        "overlap": {
+            "val_relevant & finetune_positives": len(val_relevant & train_docs),
+            "select_relevant & finetune_positives": len(select_relevant & train_docs),
+            "val_corpus & prefinetune": len(set(val_docs) & set(pft_ids)),
+            "select_corpus & prefinetune": len(set(select_docs) & set(pft_ids)),
+            "val_corpus & mining_corpus": len(set(val_docs) & set(mining)),
+            "select_corpus & mining_corpus": len(set(select_docs) & set(mining)),
+            "val_corpus & select_corpus": len(set(val_docs) & set(select_docs)),
+            "val_claims & train_claims (text)": len({c["text"] for c in val} & {c["text"] for c in train_claims}),
+        },
+    }
+    report["held_out_claim_ids"] = {"val": [c["_id"] for c in val], "select": [c["_id"] for c in select]}
+    return finetune
+
+
+def split_pairs(data: Path, out: Path, sizes: Sizes, rng: random.Random, report: dict) -> list[dict]:
+    """MRPC and Banking77 fine-tuning samples and their validation and selection slices; STS-B dev."""
+    sts = read_sts(data / "stsbenchmark/sts-dev.csv")[: sizes.stsb_dev or None]
+    write_csv(out / "val/stsb_dev.csv", ["sentence1", "sentence2", "score"], sts)
+    mrpc_val = [(a, b, q) for q, a, b in read_mrpc(data / "mrpc/msr-para-val.tsv")][: sizes.mrpc_val or None]
+    write_csv(out / "val/mrpc_val.csv", ["sentence1", "sentence2", "label"], mrpc_val)
+    # MRPC and STS-B share news sentences: a train pair with a sentence of either validation set is dropped, so the
+    # held-out task (STS-B) and MRPC's validation pairs are never embedded in training.
+    val_sentences = {s for a, b, _ in sts for s in (a, b)} | {s for a, b, _ in mrpc_val for s in (a, b)}
+    mrpc_rows = read_mrpc(data / "mrpc/msr-para-train.tsv")
+    clean = [(q, a, b) for q, a, b in mrpc_rows if a not in val_sentences and b not in val_sentences]
+    rng.shuffle(clean)
+    select_rows, train_rows = clean[: sizes.mrpc_select], clean[sizes.mrpc_select :]
+    select_sentences = {s for _, a, b in select_rows for s in (a, b)}
+    write_csv(out / "select/mrpc.csv", ["sentence1", "sentence2", "label"], [(a, b, q) for q, a, b in select_rows])
+    paraphrases = [(a, b) for q, a, b in train_rows if q == 1 and not {a, b} & select_sentences]
+    finetune = []
     # One direction per pair, chosen at random: both directions in one batch would put a query's own text among
     # its in-batch documents (a false negative scoring 1), which the duplicate mask cannot see.
-    for a, b in mrpc_train[: sizes.mrpc_pairs]:
+    for a, b in paraphrases[: sizes.mrpc_pairs or None]:
         query, positive = (a, b) if rng.random() < 0.5 else (b, a)
         finetune.append({"task": "mrpc", "query": query, "positive": positive})
     banking = read_banking(data / "banking77/train.csv")
     rng.shuffle(banking)
-    banking_val, banking_train = banking[: sizes.banking_val], banking[sizes.banking_val :]
-    for text, category in banking_train[: sizes.banking_train]:
+    val_rows, rest = banking[: sizes.banking_val], banking[sizes.banking_val :]
+    select_banking, rest = rest[: sizes.banking_select], rest[sizes.banking_select :]
+    for name, rows in (("val/banking77", val_rows), ("select/banking77", select_banking)):
+        half = len(rows) // 2
+        write_csv(out / f"{name}_train.csv", ["text", "label"], rows[:half])
+        write_csv(out / f"{name}_test.csv", ["text", "label"], rows[half:])
+    for text, category in rest[: sizes.banking_train or None]:
         finetune.append({"task": "banking77", "query": text, "positive": intent_name(category)})
-    write_lines(out / "source/finetune.jsonl", [json.dumps(s) for s in finetune])
-
-    half = len(banking_val) // 2
-    write_csv(out / "val/banking77_train.csv", ["text", "label"], banking_val[:half])
-    write_csv(out / "val/banking77_test.csv", ["text", "label"], banking_val[half:])
-    mrpc_val = [(a, b, q) for q, a, b in read_mrpc(data / "mrpc/msr-para-val.tsv")]
-    write_csv(out / "val/mrpc_val.csv", ["sentence1", "sentence2", "label"], mrpc_val[: sizes.mrpc_val or None])
-    sts = read_sts(data / "stsbenchmark/sts-dev.csv")
-    write_csv(out / "val/stsb_dev.csv", ["sentence1", "sentence2", "score"], sts[: sizes.stsb_dev or None])
-    report["counts"] = {
-        "prefinetune": len(pft),
-        "finetune": {t: sum(s["task"] == t for s in finetune) for t in ("scifact", "mrpc", "banking77")},
-        "scifact_claims": {"train": len(train_claims), "val": len(val), "select": len(select)},
-        "banking77_val": len(banking_val),
-        "mrpc_val": len(mrpc_val[: sizes.mrpc_val or None]),
-        "stsb_dev": len(sts[: sizes.stsb_dev or None]),
+    texts = {t for s in finetune for t in (s["query"], s["positive"])}
+    report["pairs"] = {
+        "stsb_dev": len(sts),
+        "mrpc": {"val": len(mrpc_val), "select": len(select_rows), "train_rows_dropped": len(mrpc_rows) - len(clean)},
+        "banking77": {"val": len(val_rows), "select": len(select_banking)},
+        "overlap": {
+            "stsb_dev & finetune texts": len({s for a, b, _ in sts for s in (a, b)} & texts),
+            "mrpc_val & finetune texts": len({s for a, b, _ in mrpc_val for s in (a, b)} & texts),
+            "mrpc_select & finetune texts": len(select_sentences & texts),
+            "banking77 val+select & finetune texts": len({t for t, _ in val_rows + select_banking} & texts),
+        },
     }
-    report["held_out_claim_ids"] = {"val": [c["_id"] for c in val], "select": [c["_id"] for c in select]}
+    return finetune
+
+
+def prepare(data: Path, out: Path, sizes: Sizes, seed: int) -> dict:
+    rng = random.Random(seed)
+    report: dict = {"seed": seed, "sizes": asdict(sizes)}
+    finetune = split_scifact(data, out, sizes, rng, report)
+    finetune += split_pairs(data, out, sizes, rng, report)
+    write_lines(out / "source/finetune.jsonl", [json.dumps(s) for s in finetune])
+    report["finetune"] = {t: sum(s["task"] == t for s in finetune) for t in ("scifact", "mrpc", "banking77")}
     write_atomically(out / "prepare_report.json", json.dumps(report, indent=1) + "\n")
     return report
-
-
-def _doc_text(doc: dict) -> str:
-    """The abstract as evaluation sees it (MTEB's `title + " " + text`), so training and scoring agree."""
-    return (doc.get("title", "") + " " + doc["text"]).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -229,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"prepare: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(report["counts"]))
+    print(json.dumps({k: report[k] for k in ("finetune", "scifact", "pairs")}))
     return 0
 
 

