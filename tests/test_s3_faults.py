@@ -4,13 +4,11 @@ S3 location (no credentials, missing bucket) fails on the driver naming the fiel
 
 from __future__ import annotations
 
-import subprocess
-
 import boto3
 import pytest
 from _data import make_dataset, run_epoch, streams
 from _fault_proxy import FaultProxy
-from _services import BIN_DIR, free_port, stop_process_tree, wait_for_http
+from _services import moto_server
 
 from gemb_dist.config import DataConfig, build_config
 from gemb_dist.data.storage import check_s3_location, pyarrow_filesystem
@@ -21,18 +19,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("moto") / "moto.log"
-    port = free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [str(BIN_DIR / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_for_http(f"{endpoint}/moto-api/", process, log_path, timeout_s=60)
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
         yield endpoint
-    finally:
-        stop_process_tree(process)
 
 
 @pytest.fixture(scope="module")
