@@ -1,7 +1,7 @@
 """DeepSpeed's checkpoint files read without running pickled code: `torch.load(weights_only=True)` everywhere.
 
-DeepSpeed 0.19 saves its `.pt` files with `torch.save` and loads them with `torch.load(weights_only=False)`
-(`TorchCheckpointEngine.load`, `utils/zero_to_fp32.py`): whoever can write the run's storage could run code on
+DeepSpeed 0.19 saves its `.pt` files with `torch.save` and loads them with the full unpickler (`weights_only`
+off; `TorchCheckpointEngine.load`, `utils/zero_to_fp32.py`): whoever can write the run's storage could run code on
 every worker. Its files hold tensors, plain containers and a few small DeepSpeed/Python types; those types are
 allow-listed here (`_safe_globals()`) and everything else is refused by torch's weights-only unpickler.
 """
@@ -75,7 +75,7 @@ def _weights_only_torch(module: types.ModuleType):
     """Within the block, `module.torch.load` forces weights_only=True (only that module's name is rebound)."""
 
     def load(*args, **kwargs):
-        kwargs.pop("weights_only", None)  # zero_to_fp32 passes weights_only=False
+        kwargs.pop("weights_only", None)  # zero_to_fp32 turns it off; it is forced on below
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(*args, weights_only=True, **kwargs)
 
