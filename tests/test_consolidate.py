@@ -134,3 +134,44 @@ def test_a_training_checkpoint_consolidates_to_the_naive_reference(zero_stage, g
     torch.testing.assert_close(
         EmbeddingModel.load(tmp_path / "model").embed(texts), EmbeddingModel.load(gemb_dir).embed(texts)
     )
+
+
+def _train_from_config_then_consolidate_on_rank0(rank: int, world_size: int, checkpoint_dir: str) -> dict:
+    """A run whose model is built from a backbone config (so ZeRO-3 partitions it through zero.Init while it is
+    built); then rank 0 alone consolidates, as the end of a training job does, while rank 1 waits at a barrier."""
+    import torch.distributed as dist
+
+    from gemb_dist.train.engine import TrainEngine, init_deepspeed_distributed, load_model
+
+    init_deepspeed_distributed(use_gpu=False, local_rank=rank)
+    config = build_config(
+        {
+            "model": {"backbone_config": TINY_BERT, "tokenizer": MINILM, "mrl_dims": [8, 16]},
+            "data": {"global_batch_size": 2},
+            "deepspeed": {"zero_stage": 3},
+            "ray": {"num_workers": 2},
+        }
+    )
+    engine = TrainEngine(config, load_model(config, world_size), total_steps=1, world_size=world_size)
+    partitioned = all(hasattr(p, "ds_id") for p in engine.model.parameters())
+    checkpoint = Path(checkpoint_dir)
+    engine.save_checkpoint(checkpoint / "deepspeed", tag="step1", client_state={"step": 1})
+    names: list[str] = []
+    if rank == 0:
+        (checkpoint / "trainer.json").write_text(json.dumps({"tag": "step1", "config": dump_config(config)}))
+        consolidate_checkpoint(checkpoint, config, checkpoint.parent / "model")
+        names = sorted(load_file(checkpoint.parent / "model" / WEIGHTS_NAME))
+    dist.barrier()
+    return {"partitioned": partitioned, "names": names}
+
+
+@pytest.mark.slow  # two DeepSpeed engines: ~20 s
+def test_rank0_alone_consolidates_after_a_zero3_run_whose_model_zero_init_partitioned(tmp_path):
+    """The weightless model consolidation builds must not enter zero.Init: its per-parameter broadcast on rank 0
+    alone would wait for rank 1 (a multi-node job hung there after its last step)."""
+    from _mp import run_workers
+
+    results = run_workers(_train_from_config_then_consolidate_on_rank0, 2, str(tmp_path / "checkpoint"), timeout=300)
+    assert all(r["partitioned"] for r in results), "the model must have been partitioned by zero.Init"
+    model = EmbeddingModel.without_weights(ModelConfig(backbone_config=TINY_BERT, tokenizer=MINILM, mrl_dims=[8, 16]))
+    assert results[0]["names"] == sorted(name.removeprefix("backbone.") for name in model.state_dict())

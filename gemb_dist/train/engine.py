@@ -47,7 +47,8 @@ class LoadedModel:
 
     model: EmbeddingModel
     # transformers keeps only a weak reference to this; while it lives, from_pretrained/from_config partition
-    # every parameter across ranks as it is created (ZeRO-3), so no rank ever holds the full model.
+    # every parameter across ranks as it is created (ZeRO-3), so no rank ever holds the full model. TrainEngine
+    # drops it once DeepSpeed has taken the model.
     zero3_init_config: Any = None
 
 
@@ -144,7 +145,6 @@ class TrainEngine:
         self.config = config
         self.total_steps = total_steps
         self.model = loaded.model
-        self._zero3_init_config = loaded.zero3_init_config
         optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=config.optimizer.lr,
@@ -159,6 +159,14 @@ class TrainEngine:
             lr_scheduler=lambda opt: build_lr_scheduler(opt, config.optimizer, total_steps),
             config=self.ds_config,
         )
+        # The model is built and partitioned: from here on a model built in this process (the weightless one
+        # that consolidation writes its config files from, on rank 0 alone) must not enter zero.Init, whose
+        # per-parameter broadcast would wait forever for the other ranks.
+        if loaded.zero3_init_config is not None:
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            loaded.zero3_init_config = None
+            unset_hf_deepspeed_config()
         self.device = self.engine.device
         self._grad_watch = GradientWatch(p for p in self.engine.module.parameters() if p.requires_grad)
         self.reduction = config.gradcache.reduction
