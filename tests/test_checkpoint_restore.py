@@ -34,6 +34,7 @@ from gemb_dist.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     newest_complete,
+    newest_stored,
     rank_files,
     write_manifest,
 )
@@ -279,6 +280,30 @@ def test_a_checkpoint_without_manifest_is_skipped_for_the_previous_complete_one(
         newest_complete(fs, str(tmp_path / "checkpoint_step00000008"))
     with pytest.raises(CheckpointError, match=r"shares missing after upload: \['rank1.json'\]"):
         write_manifest(fs, str(tmp_path / "checkpoint_step00000008"), step=8, tag="step8", world_size=2)
+
+
+def test_resuming_without_a_registered_checkpoint_finds_the_newest_complete_one_in_storage(tmp_path):
+    """What `Checkpointer.restore` falls back to when Ray Train registered no checkpoint of a resumed run."""
+    fs = pyarrow.fs.LocalFileSystem()
+    run = tmp_path / "run"
+    assert newest_stored(fs, str(run)) is None, "no run directory yet"
+    run.mkdir()
+    (run / "samples").mkdir()  # not a checkpoint
+    assert newest_stored(fs, str(run)) is None
+    for step in (2, 4, 10, 12):
+        d = run / f"checkpoint_step{step:08d}"
+        d.mkdir()
+        (d / "trainer.json").write_text("{}")
+        (d / "rank0.json").write_text("{}")
+        if step != 12:  # the newest is incomplete: its manifest was never written
+            write_manifest(fs, str(d), step=step, tag=f"step{step}", world_size=1)
+    assert newest_stored(fs, str(run)) == str(run / "checkpoint_step00000010"), "by step, not by string length"
+    for step in (2, 4, 10):
+        (run / f"checkpoint_step{step:08d}" / MANIFEST_FILE).unlink()
+    assert newest_stored(fs, str(run)) is None, "only incomplete checkpoints: start from scratch"
+    torch.save({"data": {}}, run / "checkpoint_step00000012" / "rank0.pt")  # the newest is of format 1
+    with pytest.raises(CheckpointError, match=r"checkpoint_step00000012/rank0.pt: checkpoint format 1"):
+        newest_stored(fs, str(run))
 
 
 def test_a_checkpoint_of_an_older_version_is_refused_naming_the_file_and_how_to_carry_on(tmp_path):

@@ -9,7 +9,9 @@ A checkpoint directory `<storage>/<run>/checkpoint_step<NNNNNNNN>/` (merged by R
     manifest.json                every file and its size; written LAST, by rank 0, once all shares are stored
 
 A checkpoint without `manifest.json` is incomplete and never restored from; one written by an older version
-(format 1: `rank<r>.pt`, pickled, no manifest) is refused naming the file and how to carry on. On restore each
+(format 1: `rank<r>.pt`, pickled, no manifest) is refused naming the file and how to carry on. A run restores the
+checkpoint Ray Train registered; resuming (`train.resume`) a run of which Ray registered none (stopped or killed
+before its controller polled the first report), the newest complete one in the run's storage. On restore each
 rank fetches only its own files plus the small shared ones (not the other ranks' optimizer shards), from local
 disk or S3, and loads DeepSpeed's `.pt` files with `torch.load(weights_only=True)` (see `SafeTorchCheckpointEngine`).
 At the end, rank 0 consolidates the ZeRO shards into an fp32 `EmbeddingModel` directory (`train/consolidate.py`).
@@ -102,13 +104,24 @@ class Checkpointer:
 
     # ---------------------------------------------------------------- restore
     def restore(self) -> dict[str, Any] | None:
-        """Load the newest complete Ray checkpoint, if there is one; returns rank 0's trainer.json content."""
+        """Load the checkpoint Ray Train registered (or, resuming a run it registered none of, the newest complete
+        one in the run's storage), if there is one; returns rank 0's trainer.json content."""
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        if checkpoint is not None:
+            return self.restore_from(checkpoint.filesystem, checkpoint.path)
+        if not self.config.train.resume:
             return None
-        return self.restore_from(checkpoint.filesystem, checkpoint.path)
+        # Ray Train registers a reported checkpoint only when its controller next polls the workers (every few
+        # seconds): a job stopped or killed in between leaves complete checkpoints in storage that Ray does not
+        # know. Resuming from scratch would repeat the run's steps and open a second MLflow run under its name.
+        storage = ray.train.get_context().get_storage()
+        path = newest_stored(storage.storage_filesystem, storage.experiment_fs_path)
+        if path is None:
+            return None
+        log.warning("Ray Train registered no checkpoint of this run; resuming from the newest complete one, %s", path)
+        return self.restore_from(storage.storage_filesystem, path)
 
     def restore_from(self, filesystem, path: str) -> dict[str, Any]:
         """Restore from the checkpoint at `path` on a pyarrow `filesystem` (or, if incomplete, its newest complete
@@ -269,28 +282,37 @@ def _refuse_older_format(filesystem, path: str) -> None:
 def newest_complete(filesystem, path: str) -> tuple[str, dict[str, Any]]:
     """`path` if its manifest exists, else the newest sibling checkpoint that has one (a crash between Ray
     registering a checkpoint and rank 0 writing its manifest leaves the newest one incomplete)."""
-    import pyarrow.fs
-
     path = path.rstrip("/")
     manifest = read_manifest(filesystem, path)
     if manifest is not None:
         return path, manifest
     _refuse_older_format(filesystem, path)
-    parent = path.rsplit("/", 1)[0]
-    siblings = filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
-    names = sorted(
-        (
-            i.path
-            for i in siblings
-            if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
-        ),
-        reverse=True,
-    )
-    for candidate in names:
+    for candidate in _stored_checkpoints(filesystem, path.rsplit("/", 1)[0]):
         if candidate < path and (manifest := read_manifest(filesystem, candidate)) is not None:
             log.warning("checkpoint %s is incomplete (no %s); restoring from %s", path, MANIFEST_FILE, candidate)
             return candidate, manifest
     raise CheckpointError(f"{path}: incomplete checkpoint (no {MANIFEST_FILE}) and no complete one before it")
+
+
+def newest_stored(filesystem, run_path: str) -> str | None:
+    """The newest complete checkpoint directory under the run directory `run_path`, or None if it has none; a
+    newest one of the older format is refused, naming its file."""
+    stored = _stored_checkpoints(filesystem, run_path.rstrip("/"))
+    for candidate in stored:
+        if read_manifest(filesystem, candidate) is not None:
+            return candidate
+    if stored:
+        _refuse_older_format(filesystem, stored[0])
+    return None
+
+
+def _stored_checkpoints(filesystem, run_path: str) -> list[str]:
+    """The checkpoint directories under `run_path`, newest first (their names sort by step)."""
+    import pyarrow.fs
+
+    infos = filesystem.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True))
+    names = (i.path for i in infos if i.type == pyarrow.fs.FileType.Directory)
+    return sorted((n for n in names if n.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX)), reverse=True)
 
 
 def fetch_files(filesystem, path: str, manifest: dict[str, Any], names: list[str], local: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """Fault drills against real services: the MLflow server SIGKILLed mid-run and restarted 20 s later, and
-`ray job stop` mid-run followed by `--resume`. One Ray head and one MLflow server (restartable on its port, same
-backend store) serve the module; jobs are real `jobs/prefinetune.py` submissions on 2 CPU workers.
+`ray job stop` mid-run followed by `--resume` (from the newest complete checkpoint in storage, which Ray Train had
+not registered). One Ray head and one MLflow server (restartable on its port, same backend store) serve the module;
+jobs are real `jobs/prefinetune.py` submissions on 2 CPU workers.
 
 Each drill ends with the data audit of the `samples/` logs: in the final attempt chain every sample is consumed
 exactly once per epoch.
@@ -191,6 +192,10 @@ def test_ray_job_stop_ends_the_mlflow_run_killed_and_resume_continues_exactly(se
     assert run.info.status == "KILLED", client.get_job_logs(job_id)[-4000:]
     stopped_at = max(metric_points(services, run.info.run_id, "loss"))
     assert stopped_at < num_steps, "the job finished before it was stopped"
+    # Ray Train registers a reported checkpoint when its controller next polls the workers (every ~2 s), so a stop
+    # this early often leaves complete checkpoints that Ray never registered. Make that the case every time: the
+    # resume must find the newest complete checkpoint in storage itself.
+    (services.storage / run_name / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
 
     client, job_id = submit(services, "--resume", *common)
     assert wait_job(client, job_id) == "SUCCEEDED", client.get_job_logs(job_id)[-6000:]
