@@ -297,7 +297,7 @@ def test_resuming_without_a_registered_checkpoint_finds_the_newest_complete_one_
         (d / "rank0.json").write_text("{}")
         if step != 12:  # the newest is incomplete: its manifest was never written
             write_manifest(fs, str(d), step=step, tag=f"step{step}", world_size=1)
-    assert newest_stored(fs, str(run)) == str(run / "checkpoint_step00000010"), "by step, not by string length"
+    assert newest_stored(fs, str(run)) == str(run / "checkpoint_step00000010"), "step 12 has no manifest"
     for step in (2, 4, 10):
         (run / f"checkpoint_step{step:08d}" / MANIFEST_FILE).unlink()
     assert newest_stored(fs, str(run)) is None, "only incomplete checkpoints: start from scratch"

@@ -136,24 +136,30 @@ def test_a_training_checkpoint_consolidates_to_the_naive_reference(zero_stage, g
     )
 
 
+TINY_MODEL = {"backbone_config": TINY_BERT, "tokenizer": MINILM, "mrl_dims": [8, 16]}  # built under zero.Init
+
+
 def _train_from_config_then_consolidate_on_rank0(rank: int, world_size: int, checkpoint_dir: str) -> dict:
     """A run whose model is built from a backbone config (so ZeRO-3 partitions it through zero.Init while it is
     built); then rank 0 alone consolidates, as the end of a training job does, while rank 1 waits at a barrier."""
     import torch.distributed as dist
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from gemb_dist.train.engine import TrainEngine, init_deepspeed_distributed, load_model
 
     init_deepspeed_distributed(use_gpu=False, local_rank=rank)
     config = build_config(
         {
-            "model": {"backbone_config": TINY_BERT, "tokenizer": MINILM, "mrl_dims": [8, 16]},
+            "model": TINY_MODEL,
             "data": {"global_batch_size": 2},
             "deepspeed": {"zero_stage": 3},
             "ray": {"num_workers": 2},
         }
     )
-    engine = TrainEngine(config, load_model(config, world_size), total_steps=1, world_size=world_size)
-    partitioned = all(hasattr(p, "ds_id") for p in engine.model.parameters())
+    loaded = load_model(config, world_size)
+    zero_init_at_load = is_deepspeed_zero3_enabled()
+    engine = TrainEngine(config, loaded, total_steps=1, world_size=world_size)
+    zero_init_after_engine = is_deepspeed_zero3_enabled()
     checkpoint = Path(checkpoint_dir)
     engine.save_checkpoint(checkpoint / "deepspeed", tag="step1", client_state={"step": 1})
     names: list[str] = []
@@ -162,7 +168,7 @@ def _train_from_config_then_consolidate_on_rank0(rank: int, world_size: int, che
         consolidate_checkpoint(checkpoint, config, checkpoint.parent / "model")
         names = sorted(load_file(checkpoint.parent / "model" / WEIGHTS_NAME))
     dist.barrier()
-    return {"partitioned": partitioned, "names": names}
+    return {"zero_init_at_load": zero_init_at_load, "zero_init_after_engine": zero_init_after_engine, "names": names}
 
 
 @pytest.mark.slow  # two DeepSpeed engines: ~20 s
@@ -172,6 +178,7 @@ def test_rank0_alone_consolidates_after_a_zero3_run_whose_model_zero_init_partit
     from _mp import run_workers
 
     results = run_workers(_train_from_config_then_consolidate_on_rank0, 2, str(tmp_path / "checkpoint"), timeout=300)
-    assert all(r["partitioned"] for r in results), "the model must have been partitioned by zero.Init"
-    model = EmbeddingModel.without_weights(ModelConfig(backbone_config=TINY_BERT, tokenizer=MINILM, mrl_dims=[8, 16]))
+    assert all(r["zero_init_at_load"] for r in results), "the model must have been built under zero.Init"
+    assert not any(r["zero_init_after_engine"] for r in results), "zero.Init must be off once DeepSpeed has the model"
+    model = EmbeddingModel.without_weights(ModelConfig(**TINY_MODEL))
     assert results[0]["names"] == sorted(name.removeprefix("backbone.") for name in model.state_dict())
